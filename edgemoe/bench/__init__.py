@@ -1,0 +1,1 @@
+"""Memory-budget benchmarking: sweeps, the measured physical limit, and peers."""

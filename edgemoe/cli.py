@@ -1,0 +1,96 @@
+"""The `edgemoe` command line: thin typer commands, each one call into the library.
+
+Contract: commands parse arguments, call the public API and print (rich tables for people, `--json`
+for programs). The library logs and never prints. `main()` is the one place that turns an
+`EdgeMoEError` into a one-line `error: ...` on stderr and its exit code; anything else escaping is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from edgemoe import __version__
+from edgemoe.errors import EdgeMoEError
+
+app = typer.Typer(
+    name="edgemoe",
+    help="Run sparse mixture-of-experts vision-language models (MoE-LLaVA) inside a fixed memory budget.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+# soft_wrap: an error message stays one line however narrow the terminal (or CI log) is.
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"edgemoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does."),
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A checkpoint directory or a bundle directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Describe a checkpoint or bundle: family, layers, experts, parameters, bytes per expert."""
+    from edgemoe.inspect_report import inspect_path, render_inspection
+
+    report = inspect_path(path)
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        render_inspection(report, out)
+
+
+@app.command("create-checkpoint")
+def create_checkpoint(
+    out_dir: Path = typer.Argument(..., help="Directory to write (must not exist or be empty)."),
+    family: str = typer.Option("stablelm", "--family", help="stablelm | qwen | phi"),
+    size: str = typer.Option("tiny", "--size", help="tiny (tests, seconds) | full (real shapes, random weights)"),
+    seed: int = typer.Option(0, "--seed", help="Weights are a function of the seed: same seed, same bytes."),
+    tower: Optional[str] = typer.Option(None, "--tower", help="Tiny only: clip (default) | siglip"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+) -> None:
+    """Write a MoE-LLaVA checkpoint in the exact real format, with random weights."""
+    from edgemoe.model.create import create_checkpoint as create
+    from edgemoe.progress import byte_progress
+
+    with byte_progress(f"writing {family}-{size}", out) as progress:
+        made = create(out_dir, family, size, seed=seed, tower=tower, overwrite=overwrite, progress=progress)
+    out.print(f"wrote {made.path} ({made.total_bytes / 1e9:.2f} GB, {made.num_tensors} tensors)")
+
+
+def main() -> None:
+    """Entry point: run the app; EdgeMoEError -> one line on stderr and its exit code."""
+    try:
+        app()
+    except EdgeMoEError as exc:
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

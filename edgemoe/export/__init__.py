@@ -1,0 +1,1 @@
+"""Exporter: checkpoint -> bundle (trunk graphs + one ONNX graph per expert + manifest)."""

@@ -1,0 +1,74 @@
+"""`edgemoe inspect`: what a checkpoint (or bundle) holds, as a JSON-able report and a rich view.
+
+Contract: `inspect_path(path)` opens a checkpoint directory (validating every tensor's name and
+shape from the file headers, reading no weights) and returns a plain dict: the model summary plus
+the files on disk. `render_inspection(report, console)` draws it for people. Bad input surfaces as
+the loader's `EdgeMoEError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from edgemoe.errors import EdgeMoEError
+from edgemoe.model.checkpoint import Checkpoint
+from edgemoe.model.summary import summarize_checkpoint
+
+
+def _files(directory: Path) -> dict[str, Any]:
+    weights = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return {"weight_files": [p.name for p in weights], "weight_bytes": sum(p.stat().st_size for p in weights)}
+
+
+def inspect_checkpoint(directory: Path) -> dict[str, Any]:
+    ckpt = Checkpoint.open(directory)
+    summary = summarize_checkpoint(ckpt.config, ckpt.tower)
+    return {"kind": "checkpoint", "path": str(directory), **summary.to_dict(), **_files(directory)}
+
+
+def inspect_path(path: Path) -> dict[str, Any]:
+    """Report on a checkpoint directory or a bundle directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EdgeMoEError(f"{path} is not a directory (expected a checkpoint or a bundle)")
+    if (path / "manifest.json").is_file():
+        from edgemoe.export.bundle_report import inspect_bundle  # noqa: PLC0415 - bundle side
+
+        return inspect_bundle(path)
+    return inspect_checkpoint(path)
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n:,}"
+
+
+def render_inspection(report: dict[str, Any], console: Console) -> None:
+    if report.get("kind") == "bundle":
+        from edgemoe.export.bundle_report import render_bundle  # noqa: PLC0415
+
+        render_bundle(report, console)
+        return
+    t = Table(title=f"{report['model_type']}  ({report['path']})", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    moe = report["moe_layers"]
+    e = report["expert"]
+    rows = [
+        ("family", report["family"]),
+        ("decoder layers", f"{report['num_layers']} (hidden {report['hidden_size']}, ffn {report['intermediate_size']})"),
+        ("MoE layers", f"{len(moe)}: {', '.join(map(str, moe))}"),
+        ("experts", f"{', '.join(map(str, sorted(set(report['experts_per_layer']))))} per MoE layer, top-{report['top_k']}"),
+        ("LLM parameters", f"{_billions(report['total_params'])} total, {_billions(report['active_params'])} active"),
+        ("one expert", f"{e['params']:,} params: fp16 {e['fp16_bytes'] / 1e6:.1f} MB, "
+                       f"int8 {e['int8_bytes'] / 1e6:.1f} MB, int4 {e['int4_bytes'] / 1e6:.1f} MB"),
+        ("vision tower", f"{report['vision_tower']} ({report['vision_kind']}, {_billions(report['vision_params'])}, "
+                         f"{report['image_tokens']} image tokens)"),
+        ("weights on disk", f"{len(report['weight_files'])} file(s), {report['weight_bytes'] / 1e9:.2f} GB"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)

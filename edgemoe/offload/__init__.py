@@ -1,0 +1,1 @@
+"""Expert providers: fully resident, and offloading (store -> cache -> prefetcher)."""

@@ -1,0 +1,1 @@
+"""The torch reference model: what every exported graph is validated against. Imports torch."""
