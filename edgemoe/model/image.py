@@ -125,7 +125,9 @@ def _from_array(array: np.ndarray) -> Image.Image:
     """A uint8 [H, W] or [H, W, C] array (C in 1, 3, 4) as a PIL image."""
     ok_shape = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))
     if array.dtype != np.uint8 or not ok_shape:
-        raise ImageError(f"expected a uint8 array [H, W] or [H, W, C] with C in 1, 3, 4; got {array.dtype} {array.shape}")
+        raise ImageError(
+            f"expected a uint8 array [H, W] or [H, W, C] with C in 1, 3, 4; got {array.dtype} {array.shape}"
+        )
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     return Image.fromarray(np.ascontiguousarray(array))

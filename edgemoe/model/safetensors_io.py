@@ -100,8 +100,10 @@ class SafetensorsFile:
         self._map = None
 
 
-def _header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
-    header, offset = {}, 0
+def _header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]],
+                  metadata: dict[str, str] | None = None) -> bytes:
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
     for name, dtype, shape, nbytes in entries:
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -127,8 +129,10 @@ class ShardedWriter:
     """
 
     def __init__(self, directory: Path, plan: list[tuple[str, tuple[int, ...], str]],
-                 shard_bytes: int = 5 * 10**9, prefix: str = "model") -> None:
+                 shard_bytes: int = 5 * 10**9, prefix: str = "model",
+                 metadata: dict[str, str] | None = None) -> None:
         self.directory = directory
+        self.metadata = metadata  # the header's "__metadata__" (HF writes {"format": "pt"})
         self.shards: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
         size = 0
         for name, shape, dtype in plan:
@@ -145,11 +149,14 @@ class ShardedWriter:
         self.prefix = prefix
         self._order = [(i, e) for i, shard in enumerate(self.shards) for e in shard]
         self._next = 0
+        self._rows_done = 0  # rows of the next planned tensor already written by add_rows
         self._shard = -1
         self._out = None
 
     def add(self, name: str, x: np.ndarray) -> None:
         """Write the next planned tensor; names and shapes must follow the plan."""
+        if self._rows_done:
+            raise ValueError(f"writer is inside {self._order[self._next][1][0]} (add_rows); finish it first")
         i, (want, dtype, shape, nbytes) = self._order[self._next]
         if name != want or tuple(x.shape) != shape:
             raise ValueError(f"writer expected {want} {shape}, got {name} {tuple(x.shape)}")
@@ -160,11 +167,34 @@ class ShardedWriter:
         self._out.write(memoryview(data).cast("B"))
         self._next += 1
 
+    def add_rows(self, name: str, block: np.ndarray) -> None:
+        """Append the next rows (first dim) of the next planned tensor: tensors too big to hold whole
+        (a 100k-row embedding) are written block by block; the plan check covers every block."""
+        i, (want, dtype, shape, _) = self._order[self._next]
+        end = self._rows_done + (block.shape[0] if block.ndim else 0)
+        if name != want or block.ndim != len(shape) or tuple(block.shape[1:]) != shape[1:] or end > shape[0]:
+            raise ValueError(f"writer expected rows {self._rows_done}.. of {want} {shape}, "
+                             f"got {name} block {tuple(block.shape)}")
+        if i != self._shard:
+            self._open_shard(i)
+        data = _as_storage(block, dtype)
+        self._out.write(memoryview(data).cast("B"))
+        self._rows_done = end
+        if end == shape[0]:
+            self._next += 1
+            self._rows_done = 0
+
+    def abort(self) -> None:
+        """Close the open shard without finishing (the caller discards the partial files)."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
     def _open_shard(self, i: int) -> None:
         if self._out is not None:
             self._out.close()
         self._out = open(self.directory / self.files[i], "wb")
-        self._out.write(_header_bytes(self.shards[i]))
+        self._out.write(_header_bytes(self.shards[i], self.metadata))
         self._shard = i
 
     def close(self) -> list[Path]:

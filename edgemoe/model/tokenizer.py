@@ -18,7 +18,7 @@ import binascii
 import json
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,18 +58,20 @@ class TiktokenSpec:
     name: str
     specials: tuple[str, ...]
     gap: int  # ids left unused between the last rank and the first special (Arcade100k: 100256)
-    eos: str  # defaults, used when the JSON files name no such token
-    pad: str | None
-    bos: str | None
 
 
 TIKTOKEN_SPECS = {
-    "stablelm": TiktokenSpec("arcade100k.tiktoken", "arcade100k", ARCADE100K_SPECIALS, 1,
-                             ENDOFTEXT, "<|reg0|>", None),
-    "qwen": TiktokenSpec("qwen.tiktoken", "qwen", QWEN_SPECIALS, 0,
-                         ENDOFTEXT, "<|extra_0|>", "<|extra_1|>"),
+    "stablelm": TiktokenSpec("arcade100k.tiktoken", "arcade100k", ARCADE100K_SPECIALS, 1),
+    "qwen": TiktokenSpec("qwen.tiktoken", "qwen", QWEN_SPECIALS, 0),
 }
 FAMILIES = ("stablelm", "qwen", "phi")
+# (eos, pad, bos) when the JSON files name none, as the real repos set them. Upstream pads Phi-2
+# with unk, which CodeGen sets to <|endoftext|>; Qwen names a bos it never prepends.
+DEFAULT_ROLES: dict[str, tuple[str, str | None, str | None]] = {
+    "stablelm": (ENDOFTEXT, "<|reg0|>", None),
+    "qwen": (ENDOFTEXT, "<|extra_0|>", "<|extra_1|>"),
+    "phi": (ENDOFTEXT, ENDOFTEXT, None),
+}
 PHI_FILES = ("vocab.json", "merges.txt")
 
 
@@ -95,18 +97,19 @@ class Tokenizer(ABC):
         """HF's len(tokenizer): every id the model may be asked to embed or predict is below it."""
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < len(self)]
+        ids, size = [int(i) for i in ids], len(self)
+        bad = [i for i in ids if not 0 <= i < size]
         if bad:
-            raise TokenizerError(f"token id {bad[0]} is outside the vocabulary (0..{len(self) - 1})")
+            raise TokenizerError(f"token id {bad[0]} is outside the vocabulary (0..{size - 1})")
         return ids
 
 
 class TiktokenTokenizer(Tokenizer):
     """Arcade100k (StableLM-2) and QWen v1: a tiktoken BPE plus named special tokens."""
 
-    def __init__(self, encoding: tiktoken.Encoding, eos: int, pad: int | None, bos: int | None):
-        super().__init__(encoding._special_tokens, eos, pad, bos)
+    def __init__(self, encoding: tiktoken.Encoding, specials: dict[str, int], eos: int,
+                 pad: int | None, bos: int | None):
+        super().__init__(specials, eos, pad, bos)
         self._enc = encoding
 
     def encode(self, text: str) -> list[int]:
@@ -135,6 +138,7 @@ class HFTokenizer(Tokenizer):
                  special_tokens: dict[str, int]):
         super().__init__(special_tokens, eos, pad, bos)
         self._tok = tok
+        self._len = tok.get_vocab_size(with_added_tokens=True)  # costly per call; never changes
 
     def encode(self, text: str) -> list[int]:
         # add_special_tokens=False: a tokenizer.json post-processor must not add a BOS either.
@@ -144,7 +148,7 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(self._check_ids(ids), skip_special_tokens=skip_special)
 
     def __len__(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return self._len
 
 
 def load_tokenizer(directory: Path, family: str) -> Tokenizer:
@@ -154,12 +158,12 @@ def load_tokenizer(directory: Path, family: str) -> Tokenizer:
     directory = Path(directory)
     if not directory.is_dir():
         raise TokenizerError(f"tokenizer directory {directory} does not exist")
-    names = special_token_names(directory)
+    roles = Roles(special_token_names(directory), DEFAULT_ROLES[family])
     if (directory / "tokenizer.json").is_file():
-        return _load_tokenizer_json(directory / "tokenizer.json", names)
+        return _load_tokenizer_json(directory / "tokenizer.json", roles)
     if family == "phi":
-        return _load_phi(directory, names)
-    return _load_tiktoken(directory, TIKTOKEN_SPECS[family], names)
+        return _load_phi(directory, roles)
+    return _load_tiktoken(directory, TIKTOKEN_SPECS[family], roles)
 
 
 def _missing(directory: Path, wanted: str) -> TokenizerError:
@@ -214,32 +218,29 @@ def tiktoken_specials(spec: TiktokenSpec, num_ranks: int) -> dict[str, int]:
     return {name: start + i for i, name in enumerate(spec.specials)}
 
 
-def _load_tiktoken(directory: Path, spec: TiktokenSpec, names: dict[str, str]) -> Tokenizer:
+def _load_tiktoken(directory: Path, spec: TiktokenSpec, roles: Roles) -> Tokenizer:
     path = directory / spec.filename
     if not path.is_file():
         raise _missing(directory, spec.filename)
     ranks = read_tiktoken_ranks(path)
     specials = tiktoken_specials(spec, len(ranks))
     enc = tiktoken.Encoding(spec.name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
-    lookup = specials.get
-    eos, pad, bos = _resolve_roles(path, names, lookup, spec.eos, spec.pad, spec.bos)
-    return TiktokenTokenizer(enc, eos, pad, bos)
+    return TiktokenTokenizer(enc, specials, *roles.resolve(path, specials.get))
 
 
 # ---- tokenizers-based: tokenizer.json and Phi-2 ------------------------------------------------
 
 
-def _load_tokenizer_json(path: Path, names: dict[str, str]) -> Tokenizer:
+def _load_tokenizer_json(path: Path, roles: Roles) -> Tokenizer:
     try:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception for unparsable files
         raise TokenizerError(f"{path}: cannot be read by tokenizers ({str(exc).splitlines()[0]})") from None
     specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    eos, pad, bos = _resolve_roles(path, names, tok.token_to_id, ENDOFTEXT, None, None)
-    return HFTokenizer(tok, eos, pad, bos, specials)
+    return HFTokenizer(tok, *roles.resolve(path, tok.token_to_id), specials)
 
 
-def _load_phi(directory: Path, names: dict[str, str]) -> Tokenizer:
+def _load_phi(directory: Path, roles: Roles) -> Tokenizer:
     """CodeGen's GPT-2 byte-level BPE (what upstream's slow tokenizer does) on `tokenizers`."""
     vocab, merges = (directory / f for f in PHI_FILES)
     if not (vocab.is_file() and merges.is_file()):
@@ -250,25 +251,25 @@ def _load_phi(directory: Path, names: dict[str, str]) -> Tokenizer:
         raise TokenizerError(f"{directory}: bad vocab.json/merges.txt ({str(exc).splitlines()[0]})") from None
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    _add_phi_tokens(tok, directory / "added_tokens.json", names)
+    _add_phi_tokens(tok, directory / "added_tokens.json", set(roles.names.values()))
     specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    eos, pad, bos = _resolve_roles(vocab, names, tok.token_to_id, ENDOFTEXT, None, None)
-    # Upstream pads Phi with unk, which CodeGen sets to <|endoftext|>: pad = eos unless named.
-    return HFTokenizer(tok, eos, eos if pad is None else pad, bos, specials)
+    return HFTokenizer(tok, *roles.resolve(vocab, tok.token_to_id), specials)
 
 
-def _add_phi_tokens(tok: tokenizers.Tokenizer, path: Path, names: dict[str, str]) -> None:
-    """Named specials (in vocab.json already) and added_tokens.json, each at the id the file gives."""
-    for name in dict.fromkeys(names.values()):
-        tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
+def _add_phi_tokens(tok: tokenizers.Tokenizer, path: Path, named: set[str]) -> None:
+    """added_tokens.json at the ids it gives, then the named specials (in vocab.json on Phi-2)."""
     added = _read_json(path) if path.is_file() else {}
     for content, want in sorted(added.items(), key=lambda kv: kv[1]):
-        if tok.token_to_id(content) is None:
-            # Non-special, like CodeGen's whitespace runs: split out of the text, then BPE between.
-            tok.add_tokens([AddedToken(content, normalized=False)])
+        # CodeGen's whitespace runs are plain added tokens: split out of the text, BPE in between.
+        special = content in named
+        add = tok.add_special_tokens if special else tok.add_tokens
+        add([AddedToken(content, special=special, normalized=False)])
         if tok.token_to_id(content) != want:
             raise TokenizerError(f"{path}: {content!r} should have id {want} but lands at "
                                  f"{tok.token_to_id(content)}; ids must follow vocab.json without gaps")
+    for name in sorted(named):
+        if tok.token_to_id(name) is not None and name not in added:
+            tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
 
 
 # ---- special token names from special_tokens_map.json / tokenizer_config.json ------------------
@@ -303,17 +304,23 @@ def _read_json(path: Path) -> dict:
     return raw
 
 
-def _resolve_roles(source: Path, names: dict[str, str], lookup, eos: str, pad: str | None,
-                   bos: str | None) -> tuple[int, int | None, int | None]:
-    """Ids of eos, pad and bos: the JSON files' names, else the family defaults given."""
+@dataclass(frozen=True)
+class Roles:
+    """Which tokens are eos, pad and bos: the JSON files' names, else the family's defaults."""
 
-    def find(role: str, default: str | None) -> int | None:
-        name = names.get(role, default)
-        if name is None:
-            return None
-        token_id = lookup(name)
-        if token_id is None:
+    names: dict[str, str]  # from special_token_names()
+    defaults: tuple[str, str | None, str | None]  # (eos, pad, bos)
+
+    def resolve(self, source: Path, lookup: Callable[[str], int | None]) -> tuple[int, int | None, int | None]:
+        eos, pad, bos = (self._find(source, lookup, role, default)
+                         for role, default in zip(("eos_token", "pad_token", "bos_token"), self.defaults))
+        if eos is None:
+            raise TokenizerError(f"{source}: eos_token {self.defaults[0]!r} is not a token of this vocabulary")
+        return eos, pad, bos
+
+    def _find(self, source: Path, lookup, role: str, default: str | None) -> int | None:
+        name = self.names.get(role, default)
+        token_id = None if name is None else lookup(name)
+        if token_id is None and role in self.names:  # a default may be absent; a named token may not
             raise TokenizerError(f"{source}: {role} {name!r} is not a token of this vocabulary")
         return token_id
-
-    return find("eos_token", eos), find("pad_token", pad), find("bos_token", bos)

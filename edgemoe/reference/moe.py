@@ -1,0 +1,124 @@
+"""A MoE-LLaVA MoE layer: router -> top-k gating -> dispatch -> experts -> combine.
+
+Contract: `top_k_gating(logits, k)` is the routing rule every implementation (reference, exported
+graphs, runtime) must reproduce, and `MoELayer.route(x)` returns it as a `Routing` (expert indices
+and combine weights per token) so they can be compared. The rule is DeepSpeed's TopKGate at
+inference, made deterministic:
+
+- the router (`wg`, no bias) runs in fp32 on the input cast to fp32, as upstream does;
+- softmax over all experts; experts chosen one at a time by highest probability, a tie going to the
+  lower expert index (torch.argmax and ONNX ArgMax both return the first maximum);
+- for k >= 2 the chosen probabilities are renormalised to sum to 1 (denominator clamped at fp32 eps,
+  as DeepSpeed); for k = 1 the probability itself is the weight (DeepSpeed's top1gating);
+- no token is dropped (upstream's eval capacity is S tokens per expert for 4 experts, top-2).
+
+Upstream draws the second expert as argmax(logits + Gumbel noise), even at inference. A seeded
+`torch.Generator` on the layer reproduces that mode for parity studies; it is off by default.
+Experts are ordinary `MLP` modules in `experts`, each callable (and exportable) on its own.
+
+Shape legend: N tokens (batch and sequence flattened), H hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgemoe.model.config import ModelConfig
+from edgemoe.reference.layers import MLP
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which experts each token goes to and with what weight."""
+
+    experts: torch.Tensor  # [N, K] int64, in choice order (best first)
+    weights: torch.Tensor  # [N, K] fp32 combine weights
+    probs: torch.Tensor  # [N, E] fp32 softmax over all experts
+
+    def tokens_of(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token indices, their slot in `experts`) of the tokens routed to `expert`."""
+        token, slot = (self.experts == expert).nonzero(as_tuple=True)
+        return token, slot
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[N, H] x [E, H] -> [N, E] in fp32 (upstream casts both the router and its input to fp32)."""
+    return F.linear(x.float(), weight.float())
+
+
+def gumbel_noise(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Standard Gumbel samples, -log(-log(U)), from a seeded generator."""
+    tiny = torch.finfo(torch.float32).tiny
+    u = torch.rand(shape, generator=generator, dtype=torch.float32, device=generator.device)
+    return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - torch.finfo(torch.float32).eps)))
+
+
+def top_k_gating(logits: torch.Tensor, k: int, generator: torch.Generator | None = None) -> Routing:
+    """The routing rule (module docstring). logits [N, E] fp32 -> Routing.
+
+    With `generator`, experts after the first are chosen by argmax(logits + Gumbel noise) over the
+    experts not yet chosen, as upstream's DeepSpeed does; the weights are still the renormalised
+    softmax probabilities of the chosen experts.
+    """
+    logits = logits.float()
+    num_experts = logits.shape[-1]
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"cannot choose {k} of {num_experts} experts")
+    probs = torch.softmax(logits, dim=-1)  # [N, E]
+    noisy = None if generator is None else logits + gumbel_noise(logits.shape, generator)
+    taken = torch.zeros_like(probs, dtype=torch.bool)
+    chosen = []
+    for i in range(k):
+        score = probs if (i == 0 or noisy is None) else noisy
+        pick = score.masked_fill(taken, float("-inf")).argmax(dim=-1)  # [N], first maximum on ties
+        taken = taken | F.one_hot(pick, num_experts).bool()
+        chosen.append(pick)
+    experts = torch.stack(chosen, dim=-1)  # [N, K]
+    weights = probs.gather(-1, experts)  # [N, K]
+    if k > 1:
+        denom = weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)
+        weights = weights / denom
+    return Routing(experts, weights, probs)
+
+
+class MoELayer(nn.Module):
+    """Router `router` [E, H] and experts `experts.K`; y = sum over chosen experts of w_e * expert_e(x)."""
+
+    def __init__(self, cfg: ModelConfig, num_experts: int) -> None:
+        super().__init__()
+        self.top_k = cfg.moe.top_k
+        self.router = nn.Linear(cfg.hidden_size, num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP.for_config(cfg) for _ in range(num_experts))
+        # Set to a seeded generator for upstream's Gumbel second-expert mode; None = deterministic.
+        self.generator: torch.Generator | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """x [..., H] -> Routing over its tokens, flattened in row-major order."""
+        flat = x.reshape(-1, x.shape[-1])
+        return top_k_gating(router_logits(flat, self.router.weight), self.top_k, self.generator)
+
+    def forward_routed(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """x [..., H] -> (y [..., H], the Routing used)."""
+        flat = x.reshape(-1, x.shape[-1])  # [N, H]
+        routing = self.route(flat)
+        # DeepSpeed combines with weights cast to the activation dtype, accumulating in fp32.
+        weights = routing.weights.to(x.dtype).float()
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)  # [N, H]
+        for e, expert in enumerate(self.experts):
+            token, slot = routing.tokens_of(e)
+            if token.numel() == 0:
+                continue
+            y = expert(flat[token]).float()  # [n_e, H]
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out.to(x.dtype).reshape(x.shape), routing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_routed(x)[0]

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install edgemoe with its export and dev extras.
+# torch is installed first and pinned: 2.13.0 is a CPU wheel available locally; any other spec
+# would pull gigabytes of CUDA packages. The extras then ask for a torch that 2.13.0 satisfies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[export,dev]"
