@@ -1,8 +1,7 @@
 """Safetensors files read lazily with numpy, bf16 included, and written tensor by tensor.
 
-Contract: `SafetensorsFile(path)` parses only the header at open; `tensor(name)` maps the file and
-returns a numpy view (zero-copy for fp32/fp16/int types; bf16 is widened to fp32, the one copy),
-so a 6 GB checkpoint never sits in memory at once. `ShardedWriter` streams planned tensors into
+Contract: `SafetensorsFile(path)` parses only the header at open; `tensor(name)` reads that one tensor
+into a fresh numpy array (bf16 widened to fp32), so a 6 GB checkpoint never sits in memory at once. `ShardedWriter` streams planned tensors into
 shards of a bounded size and writes HF's `model.safetensors.index.json`, so a full-size checkpoint is
 written with one tensor in memory at a time. The `safetensors` package's numpy loader rejects bf16, which is
 what the published checkpoints store; hence this small reader of the (simple, documented) format.
@@ -11,7 +10,6 @@ what the published checkpoints store; hence this small reader of the (simple, do
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -55,7 +53,6 @@ class SafetensorsFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.infos = self._read_header(path)
-        self._map: mmap.mmap | None = None
 
     @staticmethod
     def _read_header(path: Path) -> dict[str, TensorInfo]:
@@ -82,22 +79,30 @@ class SafetensorsFile:
         return infos
 
     def tensor(self, name: str) -> np.ndarray:
-        """The tensor as numpy (fp32 for bf16), read-only and backed by the file where possible."""
+        """The tensor as a fresh numpy array (fp32 for bf16).
+
+        Read with pread, not mmap: a mapped file's touched pages count in the process's RSS until
+        unmapped, and the exporter walks a whole 6 GB checkpoint under a memory limit.
+        """
         info = self.infos[name]
         if info.dtype not in _DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info.dtype}")
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         count = int(np.prod(info.shape, dtype=np.int64))
-        arr = np.frombuffer(self._map, dtype=_DTYPES[info.dtype], count=count, offset=info.start)
+        arr = np.empty(count, dtype=_DTYPES[info.dtype])
+        view = memoryview(arr).cast("B")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(info.start)
+            done = 0
+            while done < view.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{self.path} is truncated while reading tensor {name}")
+                done += n
         arr = arr.reshape(info.shape)
         return bf16_to_f32(arr) if info.dtype == "BF16" else arr
 
     def close(self) -> None:
-        # Views handed out keep the mapping alive (numpy holds a buffer reference), so dropping
-        # our reference is enough; closing the mmap under live views would be an error.
-        self._map = None
+        """Nothing to release: every read opens and closes the file."""
 
 
 def _header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]],
