@@ -42,6 +42,15 @@ def inspect_path(path: Path) -> dict[str, Any]:
     return inspect_checkpoint(path)
 
 
+def human_bytes(n: float) -> str:
+    """Bytes in the largest unit that keeps a number >= 1 (decimal units, as disk sizes are sold)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
 def _billions(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n:,}"
 
@@ -63,11 +72,11 @@ def render_inspection(report: dict[str, Any], console: Console) -> None:
         ("MoE layers", f"{len(moe)}: {', '.join(map(str, moe))}"),
         ("experts", f"{', '.join(map(str, sorted(set(report['experts_per_layer']))))} per MoE layer, top-{report['top_k']}"),
         ("LLM parameters", f"{_billions(report['total_params'])} total, {_billions(report['active_params'])} active"),
-        ("one expert", f"{e['params']:,} params: fp16 {e['fp16_bytes'] / 1e6:.1f} MB, "
-                       f"int8 {e['int8_bytes'] / 1e6:.1f} MB, int4 {e['int4_bytes'] / 1e6:.1f} MB"),
+        ("one expert", f"{e['params']:,} params: fp16 {human_bytes(e['fp16_bytes'])}, "
+                       f"int8 {human_bytes(e['int8_bytes'])}, int4 {human_bytes(e['int4_bytes'])}"),
         ("vision tower", f"{report['vision_tower']} ({report['vision_kind']}, {_billions(report['vision_params'])}, "
                          f"{report['image_tokens']} image tokens)"),
-        ("weights on disk", f"{len(report['weight_files'])} file(s), {report['weight_bytes'] / 1e9:.2f} GB"),
+        ("weights on disk", f"{len(report['weight_files'])} file(s), {human_bytes(report['weight_bytes'])}"),
     ]
     for k, v in rows:
         t.add_row(k, v)

@@ -9,6 +9,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[export,dev]"
+LOG=.venv/install.log
+if ! { python -m pip install -q "torch==2.13.0" && python -m pip install -q -e ".[export,dev]"; } >"$LOG" 2>&1; then
+  cat "$LOG" >&2
+  echo "install failed (log above, also in $LOG)" >&2
+  exit 1
+fi

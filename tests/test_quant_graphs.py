@@ -69,6 +69,23 @@ def test_expert_graph_matches_numpy(built, act: str, scheme: Scheme, n: int) -> 
     scheme.tolerance.check(y, mlp_reference(w, act, x), what=f"{act} {scheme.label} N={n}")
 
 
+@pytest.mark.parametrize("act", ACTS)
+def test_tolerances_reject_wrong_graphs(built, act: str) -> None:
+    """Even int4's loose tolerance rejects another expert's weights. A dropped bias (~15% of the output
+    here) hides in int4 noise, but the quantizers only swap MatMuls, so the fp32 build, validated
+    tightly, vouches for the structure every scheme shares."""
+    x = np.random.default_rng(5).standard_normal((37, H)).astype(np.float32)
+    w, int4 = built[act, Scheme.default(Precision.INT4).label]
+    other = _weights(act, bias=act == "gelu_new", seed=1)
+    with pytest.raises(QuantError):
+        Scheme.default("int4").tolerance.check(_session(int4).run(None, {"x": x})[0], mlp_reference(other, act, x))
+    if w.down_bias is not None:
+        _, fp32 = built[act, Scheme.default(Precision.FP32).label]
+        no_bias = MlpWeights(up=w.up, down=w.down, up_bias=w.up_bias)
+        with pytest.raises(QuantError):
+            Scheme.default("fp32").tolerance.check(_session(fp32).run(None, {"x": x})[0], mlp_reference(no_bias, act, x))
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label)
 def test_quantized_ops_present_and_no_float_weight(built, scheme: Scheme) -> None:
     for act in ACTS:

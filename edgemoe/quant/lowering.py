@@ -2,8 +2,9 @@
 
 Contract: `build_mlp` / `build_linear` return a graph at `scheme` whose every weight MatMul runs the
 scheme's kernel, or raise `QuantError`; nothing is ever silently left in float. ORT's quantizers skip
-what they do not recognise without a word (a Gemm, a Transpose in front of B, a weight given as a
-graph input), so `check_lowered` inspects the output, not the intent, and is reusable on any graph.
+what they do not recognise without a word (a Transpose in front of B, a weight given as a graph
+input; a Gemm for MatMulNBitsQuantizer, while quantize_dynamic in ORT 1.32 rewrites Gemm to MatMul),
+so `check_lowered` inspects the output, not the intent, and is reusable on any graph.
 
   fp32  the float graph as built.
   fp16  built in fp16 (weights and compute) with fp32 I/O via Cast: for GPUs. ORT on x86 runs it by
@@ -12,8 +13,9 @@ graph input), so `check_lowered` inspects the output, not the intent, and is reu
         DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul; ORT's CPU optimizer fuses these into
         DynamicQuantizeMatMul / MatMulIntegerToFloat at session creation.
   int4  `MatMulNBitsQuantizer` with every default overridden (its Python defaults are asymmetric and
-        leave accuracy_level unset, the 4-50x slower CPU path): MatMulNBits, block 128, symmetric,
-        accuracy_level 4. Compute in fp16 for target cuda (the fast CUDA kernel wants fp16 activations).
+        leave accuracy_level unset: 2-3x slower on an AVX-512 VNNI CPU, far more on AVX2 per the ORT
+        notes): MatMulNBits, block 128, symmetric, accuracy_level 4. For target cuda the graph computes
+        in fp16 (the fast CUDA kernel wants fp16 activations); not yet run on a GPU.
 Graphs stay below ORT's 2 GB protobuf limit, so serialization never needs external data.
 """
 
@@ -23,7 +25,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -121,14 +123,15 @@ def large_float_weights(model: onnx.ModelProto, min_elements: int = MIN_WEIGHT_E
 
 
 def check_lowered(model: onnx.ModelProto, scheme: Scheme, expected: int | None = None,
-                  min_elements: int = MIN_WEIGHT_ELEMENTS) -> int:
+                  min_elements: int = MIN_WEIGHT_ELEMENTS, float_ok: Collection[str] = ()) -> int:
     """Raise QuantError unless every weight MatMul of `model` is stored as `scheme` says.
 
     Integer schemes: no large float weight may survive (whatever consumes it: MatMul, Gemm, a
     Transpose), and every quantized op must carry the scheme's attributes. Float schemes: every large
     weight is in the compute dtype. Returns the number of weight ops found; `expected` pins it.
+    `float_ok` names initializers meant to stay float (a Conv weight, a position-embedding table).
     """
-    floats = large_float_weights(model, min_elements)
+    floats = {k: v for k, v in large_float_weights(model, min_elements).items() if k not in float_ok}
     consumers = {name: [n.name or n.op_type for n in model.graph.node if name in n.input] for name in floats}
     if scheme.precision.is_integer:
         if floats:

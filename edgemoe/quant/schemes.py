@@ -86,12 +86,16 @@ class Tolerance:
 
 # Validation catches broken graphs (wrong layout, missing bias, wrong activation: relative error ~1),
 # not quantization noise, which the policy's accuracy budget judges on model outputs. Measured on
-# random Gaussian experts (tests/test_quant_graphs.py), relative rms: fp32 5e-7, fp16 3.5e-4, int8
-# per-channel 1.5-3.1e-2 (activations are quantized per tensor too), int4 block-128 sym 0.15-0.18.
+# random Gaussian experts (tests, bench/quant_formats.py), relative rms: fp32 5e-7, fp16 3.6e-4, int8
+# per-channel 1.5-4.6e-2 (dominated by ORT quantizing the activations per tensor, which outliers in
+# real hidden states make worse: hence the wide margin), int4 block-128 symmetric 0.15-0.18.
+# A small bias dropped from an int4 graph hides in that noise; the quantizers only swap MatMuls, so
+# the exporter should also validate each graph's fp32 build, whose tight tolerance vouches for the
+# structure every scheme shares (tests/test_quant_graphs.py::test_tolerances_reject_wrong_graphs).
 TOLERANCES: dict[Precision, Tolerance] = {
     Precision.FP32: Tolerance(rel_rms=1e-5, rel_max=1e-4),
     Precision.FP16: Tolerance(rel_rms=5e-3, rel_max=1e-2),
-    Precision.INT8: Tolerance(rel_rms=0.08, rel_max=0.15),
+    Precision.INT8: Tolerance(rel_rms=0.15, rel_max=0.3),
     Precision.INT4: Tolerance(rel_rms=0.35, rel_max=0.5),
 }
 
@@ -103,9 +107,9 @@ class Scheme:
     precision: Precision
     block_size: int = 128  # int4 only: weights per (column, block) sharing one scale
     symmetric: bool = True  # int4 only: no zero points (smaller, and the fastest MLAS path)
-    accuracy_level: int = 4  # int4 only: 4 = int8 activations in MatMulNBits; lower is 4-50x slower on CPU
+    accuracy_level: int = 4  # int4 only: 4 = int8 activations in MatMulNBits; lower is a slow CPU path
     per_channel: bool = True  # int8 only: one scale per output column instead of per tensor
-    # int8 only: 7-bit weights. x86 CPUs without VNNI run u8s8 through VPMADDUBSW, which can saturate;
+    # int8 only: 7-bit weights. Per ORT's docs, x86 CPUs without VNNI run u8s8 via VPMADDUBSW, which can saturate;
     # 7 bits avoid that at a small accuracy cost. Off by default; turn on if the target lacks VNNI.
     reduce_range: bool = False
     target: str = "cpu"

@@ -1,0 +1,176 @@
+"""The LLM's trunk graphs (everything but the experts and the vision tower), built with `onnx.helper`.
+
+Contract: each builder takes one component's canonical tensors with the component prefix stripped
+(float32, torch layout [out, in]) and a `Scheme`, builds the fp32 graph (weights as MatMul constant B,
+see onnx_ops.py), lowers it with `edgemoe.quant.lowering.lower` and proves every weight MatMul was
+quantized (`check_lowered`). Graph I/O is always float32 (ids and cache bookkeeping are integers):
+
+  attention   x [1,S,H], position_ids int64 [S], past_key/past_value [1,KVH,MAX,D],
+              seqlens_k int32 [1] (= total_len - 1), total_len int32 [] (past length + S)
+              -> h [1,S,H] = x + attn(attn_norm x), m [1,S,H] (the MLP input: mlp_norm h, or
+              attn_norm x for Phi's parallel block), present_key/present_value [1,KVH,MAX,D]
+  dense_mlp   x [N,H] -> y [N,H]                   (edgemoe.quant.build_mlp)
+  head        h [N,H] -> logits [N,V]              final norm + lm_head (tied models pass the
+                                                   embedding as lm_head.weight)
+  embed       ids int64 [S] -> embeds [S,H]        a Gather; fp32 table for fp32, else an fp16 table
+                                                   + Cast (a lookup reads one row: no quantized op)
+  projector   features [N,Hv] -> embeds [N,H]      Linear, exact (erf) GELU, Linear
+
+Attention uses ORT's `com.microsoft.GroupQueryAttention` without its rotary (do_rotary=0): this graph
+applies NeoX half-split rotary itself on the first `rotary_dim` dims of every head, with inv_freq as
+the reference computes it, so partial rotary (StableLM 16/64, Phi 32/80) is exact. past_key and
+present_key have the same shape so the runtime can bind ONE preallocated buffer to both (IOBinding):
+ORT then writes the S new keys at rows total_len - S .. total_len - 1 in place and copies nothing.
+q, k and v are one fused MatMul (one activation quantization, one kernel), split after.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from edgemoe.export.onnx_ops import MS_DOMAIN, GraphBuilder, lower_checked, require_fp32, take
+from edgemoe.model.config import ModelConfig
+from edgemoe.quant.graphs import MlpWeights
+from edgemoe.quant.lowering import build_mlp
+from edgemoe.quant.schemes import Precision, QuantError, Scheme
+
+F32 = TensorProto.FLOAT
+
+
+def rotary_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
+    """inv_freq [R/2] in float32, by the reference's own torch expression (layers.rotary_cos_sin):
+    numpy's float32 pow differs from torch's by one ulp for some (theta, R), e.g. Qwen's 10000/128."""
+    import torch
+
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    return (1.0 / (theta ** exponent)).numpy().astype(np.float32)
+
+
+# -- attention --------------------------------------------------------------------------------
+
+def _rotary_tables(b: GraphBuilder, cfg: ModelConfig, position_ids: str) -> tuple[str, str]:
+    """cos, sin [1, S, 1, R/2] of positions * inv_freq, in fp32 as the reference."""
+    pos = b.op("Cast", [position_ids], "rope_pos", to=F32)
+    pos = b.op("Reshape", [pos, b.ints("rope.pos_shape", [1, -1, 1, 1])], "rope_pos4")
+    inv_freq = b.const("rope.inv_freq", rotary_inv_freq(cfg.rotary_dim, cfg.rope_theta))
+    freqs = b.op("Mul", [pos, inv_freq], "rope_freqs")
+    return b.op("Cos", [freqs], "rope_cos"), b.op("Sin", [freqs], "rope_sin")
+
+
+def _apply_rotary(b: GraphBuilder, cfg: ModelConfig, t: str, heads: int, cos: str, sin: str, name: str) -> str:
+    """[1, S, heads*D] -> same, rotating (x1, x2) = the two halves of each head's first R dims:
+    (x1 cos - x2 sin, x2 cos + x1 sin), the rest passing through (reference apply_rotary)."""
+    d, half = cfg.head_dim, cfg.rotary_dim // 2
+    t4 = b.op("Reshape", [t, b.ints(f"{name}.shape4", [0, 0, heads, d])], f"{name}_heads")
+    sizes = [half, half] + ([d - 2 * half] if d > 2 * half else [])
+    parts = b.op_multi("Split", [t4, b.ints(f"{name}.split", sizes)], [f"{name}_x{i}" for i in range(len(sizes))],
+                       axis=-1)
+    x1, x2 = parts[0], parts[1]
+    y1 = b.op("Sub", [b.op("Mul", [x1, cos], f"{name}_x1c"), b.op("Mul", [x2, sin], f"{name}_x2s")], f"{name}_y1")
+    y2 = b.op("Add", [b.op("Mul", [x2, cos], f"{name}_x2c"), b.op("Mul", [x1, sin], f"{name}_x1s")], f"{name}_y2")
+    rotated = b.op("Concat", [y1, y2, *parts[2:]], f"{name}_rot", axis=-1)
+    return b.op("Reshape", [rotated, b.ints(f"{name}.shape3", [0, 0, heads * d])], f"{name}_rope")
+
+
+def _fused_qkv(cfg: ModelConfig, w: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """q|k|v weights stacked along out: [(NH + 2 KVH) D, H], with the biases likewise (or None)."""
+    weights = [take(w, f"attn.{p}.weight") for p in "qkv"]
+    want = [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+    for p, wt, rows in zip("qkv", weights, want):
+        if wt.shape != (rows, cfg.hidden_size):
+            raise QuantError(f"attn.{p}.weight has shape {list(wt.shape)}, expected {[rows, cfg.hidden_size]}")
+    biases = [take(w, f"attn.{p}.bias", required=cfg.qkv_bias) for p in "qkv"]
+    if any(x is None for x in biases) and any(x is not None for x in biases):
+        raise QuantError("attn.{q,k,v}.bias: some present, some missing")
+    return np.concatenate(weights), None if biases[0] is None else np.concatenate(biases)
+
+
+def build_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Scheme,
+                    max_positions: int | None = None) -> onnx.ModelProto:
+    """One decoder layer's attention block (module docstring). `max_positions` fixes the declared cache
+    length MAX (the buffer the runtime preallocates); None leaves it symbolic."""
+    require_fp32(scheme, "attention")
+    nh, kvh, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    if nh % kvh or d % 8:  # ORT's CPU GroupQueryAttention rejects other head sizes at run time
+        raise QuantError(f"GroupQueryAttention needs heads ({nh}) divisible by kv heads ({kvh}) and a head "
+                         f"dim ({d}) divisible by 8")
+    b = GraphBuilder("attention")
+    cache = [1, kvh, max_positions or "MAX", d]
+    x = b.input("x", F32, [1, "S", hid])
+    pos = b.input("position_ids", TensorProto.INT64, ["S"])
+    past_k, past_v = b.input("past_key", F32, cache), b.input("past_value", F32, cache)
+    seqlens_k, total = b.input("seqlens_k", TensorProto.INT32, [1]), b.input("total_len", TensorProto.INT32, [])
+
+    n = b.norm(cfg.norm, x, "attn_norm", w, cfg.norm_eps, out="m" if cfg.parallel_block else "")
+    qkv_w, qkv_b = _fused_qkv(cfg, w)
+    qkv = b.linear(n, "attn.qkv", qkv_w, qkv_b)
+    q, k, v = b.op_multi("Split", [qkv, b.ints("attn.qkv_split", [nh * d, kvh * d, kvh * d])], ["q", "k", "v"],
+                         axis=-1)
+    cos, sin = _rotary_tables(b, cfg, pos)
+    q, k = _apply_rotary(b, cfg, q, nh, cos, sin, "q"), _apply_rotary(b, cfg, k, kvh, cos, sin, "k")
+    attn, _, _ = b.op_multi("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total],
+                            ["attn", "present_key", "present_value"], domain=MS_DOMAIN, num_heads=nh,
+                            kv_num_heads=kvh, scale=1.0 / math.sqrt(d), do_rotary=0)
+    b.declare(attn, F32, [1, "S", nh * d])
+    o = b.linear(attn, "attn.o", take(w, "attn.o.weight"), take(w, "attn.o.bias", required=cfg.o_bias))
+    h = b.op("Add", [x, o], "h")
+    if not cfg.parallel_block:
+        b.norm(cfg.norm, h, "mlp_norm", w, cfg.norm_eps, out="m")
+    for name, shape in (("h", [1, "S", hid]), ("m", [1, "S", hid]), ("present_key", cache),
+                        ("present_value", cache)):
+        b.output(name, F32, shape)
+    return lower_checked(b, scheme, expected=2)
+
+
+# -- the rest of the trunk ----------------------------------------------------------------------
+
+def build_dense_mlp(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Scheme) -> onnx.ModelProto:
+    """A dense layer's MLP: x [N, H] -> y [N, H], through `edgemoe.quant.build_mlp`."""
+    return build_mlp(MlpWeights.from_tensors(w, ""), cfg.mlp_act, scheme, name="dense_mlp")
+
+
+def build_head(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Scheme) -> onnx.ModelProto:
+    """Final norm + lm_head: h [N, H] -> fp32 logits [N, V] (the padded-vocabulary mask is the runtime's)."""
+    require_fp32(scheme, "head")
+    b = GraphBuilder("head")
+    h = b.input("h", F32, ["N", cfg.hidden_size])
+    n = b.norm(cfg.norm, h, "final_norm", w, cfg.norm_eps)
+    weight = take(w, "lm_head.weight")
+    b.linear(n, "lm_head", weight, take(w, "lm_head.bias", required=False), out="logits")
+    b.output("logits", F32, ["N", weight.shape[0]])
+    return lower_checked(b, scheme, expected=1)
+
+
+def build_embed(cfg: ModelConfig, weight: np.ndarray, scheme: Scheme) -> onnx.ModelProto:
+    """ids int64 [S] -> embeds [S, H]. The table is fp32 for an fp32 scheme, fp16 (half the bytes, a Cast
+    after the Gather) for every other: a lookup reads S rows, so quantizing buys nothing in speed, and
+    fp16 rows (rel. error 5e-4) are far below the int8/int4 trunk's noise."""
+    weight = np.asarray(weight)
+    if weight.shape != (cfg.vocab_size, cfg.hidden_size):
+        raise QuantError(f"embed.weight has shape {list(weight.shape)}, expected {[cfg.vocab_size, cfg.hidden_size]}")
+    half = scheme.precision is not Precision.FP32
+    b = GraphBuilder("embed")
+    ids = b.input("ids", TensorProto.INT64, ["S"])
+    table = b.const("embed.weight", weight, np.float16 if half else np.float32)
+    rows = b.op("Gather", [table, ids], "rows" if half else "embeds", axis=0)
+    if half:
+        b.op("Cast", [rows], "embeds", to=F32)
+    b.output("embeds", F32, ["S", cfg.hidden_size])
+    return b.model()
+
+
+def build_projector(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Scheme) -> onnx.ModelProto:
+    """mlp2x_gelu: features [N, Hv] -> embeds [N, H], with the exact (erf) GELU upstream uses."""
+    require_fp32(scheme, "projector")
+    b = GraphBuilder("projector")
+    x = b.input("features", F32, ["N", cfg.mm_hidden_size])
+    y = b.linear(x, "projector.0", take(w, "0.weight"), take(w, "0.bias"))
+    y = b.op("Gelu", [y], "projector_gelu", approximate="none")
+    b.linear(y, "projector.2", take(w, "2.weight"), take(w, "2.bias"), out="embeds")
+    b.output("embeds", F32, ["N", cfg.hidden_size])
+    return lower_checked(b, scheme, expected=2)
