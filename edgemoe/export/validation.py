@@ -6,7 +6,7 @@ max error, relative to the reference's own scale), and returns a `GraphCheck` fo
 graph out of tolerance raises `GraphValidationError`, one line naming the graph, the output, the
 errors and the tolerance. `GraphCheck.validation()` is what the manifest records: the measured max
 abs error against the absolute tolerance it implies (allowed rel_max x max|reference|), with both
-relative errors and their allowances in the metric string (`parse_metric` reads them back), so
+relative errors and their allowances in the metric string (`bundle_report.parse_metric` reads them), so
 `Validation.passed` means exactly what the check enforced on max error.
 
 Runners feed graphs the way the runtime will: `run_attention` binds one preallocated cache buffer
@@ -64,18 +64,6 @@ class GraphCheck:
                 f"(allowed {self.tolerance.rel_rms:g}), relative max {self.rel_max:.3g} (allowed "
                 f"{self.tolerance.rel_max:g}), max abs error {self.max_abs:.3g} (tolerance "
                 f"{self.tolerance.rel_max * (self.ref_max or 1.0):.3g})")
-
-
-def parse_metric(metric: str) -> dict[str, str | float]:
-    """The key=value fields of a metric string written by `GraphCheck.validation` (numbers as floats)."""
-    out: dict[str, str | float] = {}
-    for part in metric.split(";")[1:]:
-        key, _, value = part.partition("=")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            out[key] = value
-    return out
 
 
 def _one(graph: str, precision: Precision, output: str, cand: np.ndarray, ref: np.ndarray) -> GraphCheck:
@@ -140,10 +128,11 @@ def run_attention(sess: ort.InferenceSession, x: np.ndarray, kv_heads: int, head
         for name, value in caches.items():
             binding.bind_ortvalue_input(f"past_{name}", value)
             binding.bind_ortvalue_output(f"present_{name}", value)
-        for name in outs:
-            binding.bind_output(name, "cpu")
+        # Outputs into arrays of our own: ORT writes them in place, so nothing depends on binding order.
+        arrays = {name: np.empty((1, stop - start, x.shape[2]), np.float32) for name in outs}
+        for name, arr in arrays.items():
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
         sess.run_with_iobinding(binding)
-        names = [o.name for o in sess.get_outputs() if not o.name.startswith("present_")]
-        for name, value in zip(names, binding.copy_outputs_to_cpu()):
-            outs[name].append(value)
+        for name, arr in arrays.items():
+            outs[name].append(arr)
     return {k: np.concatenate(v, axis=1) for k, v in outs.items()}

@@ -50,7 +50,8 @@ FULL_DIMS = {
 TINY_DIMS = {
     "stablelm": ModelDims(64, 4, 4, 128, 0),
     "qwen": ModelDims(64, 4, 4, 128, 0, head_dim=16),
-    "phi": ModelDims(80, 4, 4, 128, 0),
+    # head_dim 80 and rotary 32 as in Phi-2 itself; ORT's GroupQueryAttention needs head_dim % 8 == 0.
+    "phi": ModelDims(160, 4, 2, 128, 0),
 }
 
 TINY_TOWERS = {
