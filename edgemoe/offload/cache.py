@@ -1,0 +1,251 @@
+"""ExpertCache: runnable experts held within a byte capacity, evicted by a pluggable policy.
+
+Contract: `used bytes = resident experts + reservations <= capacity_bytes` at every instant, and the
+peak is recorded. A load first `reserve`s its bytes (evicting by policy to make room), then `put`s
+the runner into its reservation, or `cancel`s it when the load fails: an expert's memory is counted
+before it is allocated, so the capacity is a hard bound, not a hint. A pinned key (`pin`/`unpin`
+count, so two holders are fine) and a reservation are never evicted. An expert larger than the whole
+capacity is refused with `CacheCapacityError`; so is a `put` that cannot fit because everything
+else is pinned. `get`/`acquire` count hits and misses and tell the policy of the activation; the
+policy learns the decoding position from `advance(layer)`. Thread-safe: one lock, and evicted
+runners are dropped (sessions freed, `on_evict` called) outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from edgemoe.keys import ExpertKey
+from edgemoe.offload.errors import CacheCapacityError, OffloadError
+from edgemoe.offload.policies import EvictionPolicy, make_policy
+
+if TYPE_CHECKING:
+    from edgemoe.offload.provider import ExpertRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of the cache's counters."""
+
+    policy: str
+    capacity_bytes: int
+    used_bytes: int  # resident + reserved
+    peak_bytes: int
+    resident: tuple[ExpertKey, ...]
+    hits: int
+    misses: int
+    evictions: int
+    loads: int  # runners put into the cache
+    bytes_loaded: int
+
+    @property
+    def hit_rate(self) -> float | None:
+        total = self.hits + self.misses
+        return self.hits / total if total else None
+
+
+class ExpertCache:
+    """Experts resident within `capacity_bytes` (module docstring)."""
+
+    def __init__(self, capacity_bytes: int, policy: str | EvictionPolicy = "lru", *,
+                 moe_layers: Sequence[int] | None = None, on_evict: Callable[[int], None] | None = None) -> None:
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+            raise OffloadError(f"cache capacity must be a positive number of bytes, got {capacity_bytes!r}")
+        self.capacity_bytes = capacity_bytes
+        self.policy = make_policy(policy, moe_layers)
+        self._on_evict = on_evict  # e.g. a heap trim: freed sessions leave glibc's heap fragmented
+        self._lock = threading.Lock()
+        self._runners: dict[ExpertKey, ExpertRunner] = {}
+        self._sizes: dict[ExpertKey, int] = {}
+        self._reserved: dict[ExpertKey, int] = {}
+        self._pins: Counter[ExpertKey] = Counter()
+        self._used = self._peak = 0
+        self._hits = self._misses = self._evictions = self._loads = self._bytes_loaded = 0
+
+    # --- lookups -------------------------------------------------------------------------------
+
+    def __contains__(self, key: ExpertKey) -> bool:
+        with self._lock:
+            return key in self._runners
+
+    def is_reserved(self, key: ExpertKey) -> bool:
+        with self._lock:
+            return key in self._reserved
+
+    def get(self, key: ExpertKey) -> ExpertRunner | None:
+        """The runner if resident; counts a hit or a miss (an activation either way)."""
+        with self._lock:
+            return self._lookup(key, count=True)
+
+    def acquire(self, key: ExpertKey, *, count: bool = True) -> ExpertRunner | None:
+        """Like `get`, and pins the key when resident (atomically): the caller must `unpin` it."""
+        with self._lock:
+            runner = self._lookup(key, count)
+            if runner is not None:
+                self._pins[key] += 1
+            return runner
+
+    def _lookup(self, key: ExpertKey, count: bool) -> ExpertRunner | None:
+        runner = self._runners.get(key)
+        if count:
+            self.policy.accessed(key)
+            if runner is None:
+                self._misses += 1
+            else:
+                self._hits += 1
+        return runner
+
+    # --- pins and position ---------------------------------------------------------------------
+
+    def pin(self, keys: Iterable[ExpertKey]) -> None:
+        """Protect keys from eviction (resident or not yet); counted, so pins nest."""
+        with self._lock:
+            self._pins.update(keys)
+
+    def unpin(self, keys: Iterable[ExpertKey]) -> None:
+        with self._lock:
+            for key in keys:
+                if self._pins[key] <= 0:
+                    raise OffloadError(f"unpin of {key}, which is not pinned")
+                self._pins[key] -= 1
+                if not self._pins[key]:
+                    del self._pins[key]
+
+    def pinned(self) -> tuple[ExpertKey, ...]:
+        with self._lock:
+            return tuple(sorted(self._pins))
+
+    def advance(self, layer: int) -> None:
+        """Decoding reached MoE layer `layer` (the edgemoe policy measures distance from it)."""
+        with self._lock:
+            self.policy.advance(layer)
+
+    # --- filling -------------------------------------------------------------------------------
+
+    def reserve(self, key: ExpertKey, nbytes: int) -> bool:
+        """Count `nbytes` for a load of `key` about to start, evicting by policy to make room.
+
+        False (evicting nothing) when pinned experts and other reservations leave no room; then the
+        caller may free pins, wait for loads in flight, or give up (the prefetcher decides which).
+        """
+        self._check_size(key, nbytes)
+        evicted: list[ExpertRunner] = []
+        with self._lock:
+            if key in self._runners or key in self._reserved:
+                raise OffloadError(f"{key} is already {'resident' if key in self._runners else 'being loaded'}")
+            if not self._make_room(nbytes, evicted):
+                return False
+            self._reserved[key] = nbytes
+            self._grow(nbytes)
+        self._dispose(evicted)
+        return True
+
+    def cancel(self, key: ExpertKey) -> None:
+        """Give back a reservation whose load failed or was abandoned."""
+        with self._lock:
+            self._used -= self._reserved.pop(key, 0)
+
+    def put(self, key: ExpertKey, runner: ExpertRunner, *, pin: bool = False) -> None:
+        """Make `runner` resident (into its reservation, if any), evicting by policy; pin it if asked."""
+        nbytes = int(runner.nbytes)
+        evicted: list[ExpertRunner] = []
+        with self._lock:
+            self._used -= self._reserved.pop(key, 0)  # the reservation becomes the entry
+            old = self._remove(key) if key in self._runners else None
+            self._check_size(key, nbytes)
+            if not self._make_room(nbytes, evicted):
+                raise CacheCapacityError(self._no_room(key, nbytes))
+            self._runners[key], self._sizes[key] = runner, nbytes
+            self._grow(nbytes)
+            self._loads += 1
+            self._bytes_loaded += nbytes
+            self.policy.inserted(key)
+            if pin:
+                self._pins[key] += 1
+        if old is not None:
+            evicted.append(old)
+        del old
+        self._dispose(evicted)
+
+    def discard(self, key: ExpertKey) -> bool:
+        """Evict `key` now if it is resident and unpinned; whether it was."""
+        with self._lock:
+            if key not in self._runners or self._pins[key]:
+                return False
+            evicted = [self._remove(key)]
+            self._evictions += 1
+        self._dispose(evicted)
+        return True
+
+    # --- internals (called with the lock held) -------------------------------------------------
+
+    def _check_size(self, key: ExpertKey, nbytes: int) -> None:
+        if nbytes > self.capacity_bytes:
+            raise CacheCapacityError(f"expert {key} needs {nbytes} bytes, more than the whole expert cache "
+                                     f"({self.capacity_bytes} bytes): raise the budget to at least {nbytes}")
+
+    def _make_room(self, nbytes: int, evicted: list[ExpertRunner]) -> bool:
+        """Evict unpinned experts by policy until `nbytes` more fit; evict nothing if they never could."""
+        evictable = [k for k in self._runners if not self._pins[k]]
+        if self._used - sum(self._sizes[k] for k in evictable) + nbytes > self.capacity_bytes:
+            return False
+        while self._used + nbytes > self.capacity_bytes:
+            victim = self.policy.victim(evictable)
+            evictable.remove(victim)
+            evicted.append(self._remove(victim))
+            self._evictions += 1
+            log.debug("evicted %s (%s policy)", victim, self.policy.name)
+        return True
+
+    def no_room(self, key: ExpertKey, nbytes: int) -> CacheCapacityError:
+        """The error for a load of `key` that cannot find room (names what holds the capacity)."""
+        with self._lock:
+            return CacheCapacityError(self._no_room(key, nbytes))
+
+    def _no_room(self, key: ExpertKey, nbytes: int) -> str:
+        pinned = sorted(k for k in self._runners if self._pins[k])
+        return (f"no room for expert {key} ({nbytes} bytes): {self._used} of {self.capacity_bytes} bytes are "
+                f"pinned or loading ({', '.join(map(str, pinned + sorted(self._reserved))) or 'nothing'}); "
+                "run one expert at a time or raise the budget")
+
+    def _grow(self, nbytes: int) -> None:
+        self._used += nbytes
+        self._peak = max(self._peak, self._used)
+
+    def _remove(self, key: ExpertKey) -> ExpertRunner:
+        self._used -= self._sizes.pop(key)
+        self.policy.removed(key)
+        return self._runners.pop(key)
+
+    def _dispose(self, runners: list[ExpertRunner]) -> None:
+        """Drop evicted runners outside the lock (freeing a session takes time), then notify the hook."""
+        if not runners:
+            return
+        freed = sum(int(r.nbytes) for r in runners)
+        runners.clear()
+        if self._on_evict is not None:
+            self._on_evict(freed)
+
+    # --- reporting -----------------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used
+
+    def resident(self) -> tuple[ExpertKey, ...]:
+        with self._lock:
+            return tuple(sorted(self._runners))
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self.policy.name, self.capacity_bytes, self._used, self._peak,
+                              tuple(sorted(self._runners)), self._hits, self._misses, self._evictions,
+                              self._loads, self._bytes_loaded)

@@ -1,0 +1,266 @@
+"""Expert providers: what a MoE layer asks for experts. Model code never knows about offloading.
+
+Contract: `experts(layer, needed)` yields `(ExpertKey, ExpertRunner)` once for each distinct expert in
+`needed`, resident experts first while misses load (mixtral-offloading's `unordered=True`), so the
+caller must combine outputs in an order of its own (the runtime sums in ascending expert order).
+Each runner is valid until the caller asks for the next one: the provider pins it while it is out
+and unpins it when the caller moves on (or abandons the generator), which is what lets a cache of
+exactly one expert run a top-2 layer: load, run, evict, load, run. Callers must therefore run each
+expert as they receive it, never collect them all first. `hint(layer, predicted)` asks for a future
+layer's experts to be paged in; `stats()` reports; `close()` releases everything. One caller thread.
+
+  ResidentProvider     every expert loaded once at start: the reference the others are tested against.
+  OffloadingProvider   store -> cache (byte capacity, eviction policy) -> prefetcher (one thread),
+                       plus an optional predictor that turns observed routing (or, through
+                       `predict_from`, a hidden state) into hints, and scoring of every hint.
+
+Decoding position: each visit of a new MoE layer is one step. A hint for layer t made at layer c is
+for the step `forward distance(c -> t)` ahead (modulo the number of MoE layers, in 1..n), so a hint
+for the next token's first layer made at the last layer is one step ahead; once decoding passes
+that step, the prefetcher drops the hint if it has not started.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from edgemoe.keys import ExpertKey
+from edgemoe.offload.errors import OffloadError
+from edgemoe.offload.predictor import PredictionStats, PredictionSummary
+
+if TYPE_CHECKING:
+    from edgemoe.bundle import Bundle
+    from edgemoe.offload.cache import CacheStats, ExpertCache
+    from edgemoe.offload.predictor import ExpertPredictor
+    from edgemoe.offload.prefetcher import PrefetchStats, Prefetcher
+    from edgemoe.offload.store import ExpertStore, StoreStats
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class ExpertRunner(Protocol):
+    """One runnable expert: y [N, H] = run(x [N, H] float32); `nbytes` it holds, as the cache counts it."""
+
+    nbytes: int
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class ExpertProvider(Protocol):
+    """What a MoE layer needs (module docstring)."""
+
+    def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[ExpertKey, ExpertRunner]]: ...
+    def hint(self, layer: int, predicted: Sequence[int]) -> None: ...
+    def stats(self) -> "ProviderStats": ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ProviderStats:
+    """Everything a provider counts: cache, paging, store and prediction."""
+
+    cache: "CacheStats"
+    prefetch: "PrefetchStats | None"
+    store: "StoreStats | None"
+    prediction: PredictionSummary | None
+    layer_calls: int
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.cache.hit_rate
+
+
+def _distinct(layer: int, needed: Iterable[int]) -> list[ExpertKey]:
+    return [ExpertKey(layer, int(e)) for e in dict.fromkeys(needed)]
+
+
+def _store_stats(store: object) -> "StoreStats | None":
+    stats = getattr(store, "stats", None)
+    return stats() if callable(stats) else None
+
+
+class ResidentProvider:
+    """Every expert of `keys` loaded once, up front, and never evicted."""
+
+    def __init__(self, store: "ExpertStore", keys: Iterable[ExpertKey]) -> None:
+        self.store = store
+        self._runners = {key: store.load(key) for key in keys}
+        self._hits = self._calls = 0
+
+    def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[ExpertKey, ExpertRunner]]:
+        self._calls += 1
+        for key in _distinct(layer, needed):
+            runner = self._runners.get(key)
+            if runner is None:
+                raise OffloadError(f"expert {key} is not among the resident experts")
+            self._hits += 1
+            yield key, runner
+
+    def hint(self, layer: int, predicted: Sequence[int]) -> None:
+        pass  # everything is resident
+
+    def stats(self) -> ProviderStats:
+        from edgemoe.offload.cache import CacheStats
+
+        total = sum(int(r.nbytes) for r in self._runners.values())
+        cache = CacheStats("resident", total, total, total, tuple(sorted(self._runners)), self._hits, 0, 0,
+                           len(self._runners), total)
+        return ProviderStats(cache, None, _store_stats(self.store), None, self._calls)
+
+    def close(self) -> None:
+        self._runners.clear()
+
+
+class OffloadingProvider:
+    """Experts paged through a byte-bounded cache (module docstring)."""
+
+    def __init__(self, store: "ExpertStore", cache: "ExpertCache", prefetcher: "Prefetcher",
+                 predictor: "ExpertPredictor | None" = None, *, moe_layers: Sequence[int] | None = None) -> None:
+        self.store, self.cache, self.prefetcher, self.predictor = store, cache, prefetcher, predictor
+        if moe_layers is None and hasattr(store, "keys"):
+            moe_layers = sorted({k.layer for k in store.keys()})
+        self.moe_layers = tuple(sorted(set(moe_layers or ())))  # empty: hints never go stale
+        self._index = {layer: i for i, layer in enumerate(self.moe_layers)}
+        self._layer: int | None = None  # the MoE layer being decoded
+        self._step = 0
+        self._calls = 0
+        self._hinted: dict[int, set[int]] = {}  # layer -> experts hinted for its next visit
+        self._guard: list[ExpertKey] = []  # the upcoming layer's residents, pinned while hints load
+        self.predictions = PredictionStats()
+
+    # --- the MoE layer's side ------------------------------------------------------------------
+
+    def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[ExpertKey, ExpertRunner]]:
+        keys = _distinct(layer, needed)
+        self._enter(layer, [k.expert for k in keys])
+        hits, misses = self._split(keys)
+        pinned, delivered = [k for k, _ in hits], 0
+        try:
+            self._drop_guard()  # this layer's hits are pinned now; the rest may make room
+            self.prefetcher.request(misses, self._step, urgent=True)
+            self._predict(layer, None)  # table predictors hint the next layer while this one runs
+            for key, runner in hits:
+                yield key, runner
+                self._release(pinned, key)
+            for key in misses:
+                runner = self.prefetcher.wait(key)  # pinned for us: a prefetched hold, or our own load
+                pinned.append(key)
+                yield key, runner
+                self._release(pinned, key)
+                delivered += 1
+        finally:  # the caller stopped early or a load failed: nothing of this call stays pinned
+            self.cache.unpin(pinned)
+            self.prefetcher.release(misses[delivered:])
+
+    def _split(self, keys: list[ExpertKey]) -> tuple[list[tuple[ExpertKey, ExpertRunner]], list[ExpertKey]]:
+        """(resident experts, pinned; missing keys): each lookup counts one hit or miss."""
+        hits, misses = [], []
+        for key in keys:
+            runner = self.cache.acquire(key)
+            if runner is None:
+                misses.append(key)
+            else:
+                hits.append((key, runner))
+        return hits, misses
+
+    def _release(self, pinned: list[ExpertKey], key: ExpertKey) -> None:
+        """The caller moved past `key`: it may be evicted now (a one-expert cache needs that)."""
+        pinned.remove(key)
+        self.cache.unpin([key])
+
+    def _enter(self, layer: int, needed: list[int]) -> None:
+        """Advance the decoding position to `layer`, and score and learn from what it needs."""
+        self._calls += 1
+        if layer != self._layer:
+            self._step += self._distance(layer)
+            self._layer = layer
+            self.cache.advance(layer)
+            self.prefetcher.advance(self._step)
+        hinted = self._hinted.pop(layer, None)
+        if hinted is not None:
+            self.predictions.record(hinted, needed)
+        if self.predictor is not None:
+            self.predictor.observe(layer, needed)
+
+    def _distance(self, target: int) -> int:
+        """Steps from the current MoE layer forward to `target`, in 1..n (1 when layers are unknown)."""
+        if target not in self._index:
+            return 1
+        current = -1 if self._layer is None else self._index.get(self._layer, -1)
+        return (self._index[target] - current - 1) % len(self.moe_layers) + 1
+
+    # --- hints ---------------------------------------------------------------------------------
+
+    def hint(self, layer: int, predicted: Sequence[int]) -> None:
+        """Page in `layer`'s `predicted` experts for its next visit (best effort, never blocks)."""
+        keys = _distinct(layer, predicted)
+        if not keys:
+            return
+        self._hinted.setdefault(layer, set()).update(k.expert for k in keys)
+        step = self._step + self._distance(layer) if layer in self._index else None
+        if step is not None and step > self._step + 1:
+            self._guard_upcoming()
+        self.prefetcher.request(keys, step)
+
+    def _guard_upcoming(self) -> None:
+        """A hint for beyond the next MoE layer must not evict what that layer is about to use.
+
+        The runtime hints layer L+1 before asking for layer L's experts; under LRU, L's residents are
+        the oldest entries and the hint's loads would evict them a moment before they are needed.
+        """
+        if self._guard:
+            return
+        upcoming = self.moe_layers[(self._index.get(self._layer, -1) + 1) % len(self.moe_layers)]
+        self._guard = [k for k in self.cache.resident() if k.layer == upcoming]
+        self.cache.pin(self._guard)
+
+    def _drop_guard(self) -> None:
+        guard, self._guard = self._guard, []
+        self.cache.unpin(guard)
+
+    def predict_from(self, layer: int, hidden: np.ndarray) -> dict[int, tuple[int, ...]]:
+        """Hint what the predictor guesses from the hidden state entering `layer` (RouterPredictor)."""
+        return self._predict(layer, hidden)
+
+    def _predict(self, layer: int, hidden: np.ndarray | None) -> dict[int, tuple[int, ...]]:
+        if self.predictor is None:
+            return {}
+        guesses = self.predictor.predict(layer, hidden)
+        for target, experts in guesses.items():
+            self.hint(target, experts)
+        return guesses
+
+    # --- reporting and lifecycle ---------------------------------------------------------------
+
+    def stats(self) -> ProviderStats:
+        prediction = self.predictions.summary()
+        return ProviderStats(self.cache.stats(), self.prefetcher.stats(), _store_stats(self.store),
+                             prediction if prediction.events else None, self._calls)
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self._drop_guard()
+        cache = self.cache.stats()
+        log.debug("offloading provider closed: %d hits, %d misses, %d evictions, peak %d of %d bytes",
+                  cache.hits, cache.misses, cache.evictions, cache.peak_bytes, cache.capacity_bytes)
+
+    @classmethod
+    def from_bundle(cls, bundle: "Bundle", capacity_bytes: int, policy: str = "edgemoe", *,
+                    predictor: "ExpertPredictor | None" = None, threads: int | None = None) -> "OffloadingProvider":
+        """The usual assembly: process hygiene, an ONNX store, a cache trimming the heap after evictions."""
+        from edgemoe.offload.cache import ExpertCache
+        from edgemoe.offload.prefetcher import Prefetcher
+        from edgemoe.offload.sessions import HeapTrimmer, configure_process, session_factory
+        from edgemoe.offload.store import OnnxExpertStore
+
+        configure_process()
+        store = OnnxExpertStore(bundle, session_factory(threads))
+        layers = sorted({k.layer for k in store.keys()})
+        cache = ExpertCache(capacity_bytes, policy, moe_layers=layers, on_evict=HeapTrimmer())
+        return cls(store, cache, Prefetcher(store, cache), predictor, moe_layers=layers)
