@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# The main job on a built-in tiny demo: make a tiny MoE-LLaVA checkpoint in the real on-disk
-# format, then inspect it. (Export and `ask` join this script as they land.)
+# The main job on a built-in tiny demo, on a fresh machine: make a tiny MoE-LLaVA checkpoint in the
+# real on-disk format, export it to an int4 bundle, inspect it, then ask a question about an image
+# while the expert cache holds only a quarter of the experts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 DEMO="${DEMO_DIR:-/tmp/edgemoe-demo}"
-rm -rf "$DEMO"
+rm -rf "$DEMO" && mkdir -p "$DEMO"
 edgemoe create-checkpoint "$DEMO/checkpoint" --family stablelm --size tiny
-edgemoe inspect "$DEMO/checkpoint"
+edgemoe export "$DEMO/checkpoint" -o "$DEMO/bundle" --precision int4
+edgemoe inspect "$DEMO/bundle"
+python - "$DEMO/image.png" <<'PY'
+import sys
+from PIL import Image, ImageDraw
+img = Image.new("RGB", (320, 240), (40, 90, 160))
+ImageDraw.Draw(img).ellipse((100, 60, 220, 180), fill=(230, 200, 40))
+img.save(sys.argv[1])
+PY
+edgemoe ask "$DEMO/bundle" "What is in the image?" --image "$DEMO/image.png" --expert-budget 25% --max-tokens 16

@@ -1,1 +1,29 @@
-"""The engine: runs a bundle with ONNX Runtime, layer by layer, asking a provider for experts."""
+"""The runtime: answers questions about an image from a bundle, experts paged within a budget.
+
+    from edgemoe.runtime import ask, ChatSession
+    result = ask("bundle/", "What is in the image?", "cat.jpg", max_tokens=64, expert_budget="25%")
+    print(result.text, result.stats.decode_tokens_per_s)
+
+Modules, data flow first:
+  sessions.py    ORT session options (the offload package's: one thread policy, no arenas)
+  trunk.py       the resident graphs: vision, projector, embed, attention, dense MLPs, head
+  kv_cache.py    preallocated KV buffers the attention graphs update in place (IOBinding)
+  routing.py     the fp32 top-2 router in numpy, deterministic
+  moe.py         route -> dispatch -> experts (from an ExpertProvider) -> combine; next-layer hints
+  engine.py      prefill (image spliced) and decode; generate_step yields ids (no tokenizer)
+  sampling.py    greedy, temperature / top-p with a seed
+  detokenize.py  ids -> streamed text
+  budget.py      --memory-budget / --expert-budget -> expert cache capacity
+  providers.py   resident or offloading provider; its counters
+  stats.py       GenerationStats, GenerationResult, RSS sampling
+  api.py         ask(), ChatSession
+Nothing here imports torch or transformers.
+"""
+
+from edgemoe.runtime.api import ChatSession, GenerationOptions, ask
+from edgemoe.runtime.engine import ContextError, Engine
+from edgemoe.runtime.sampling import Sampler
+from edgemoe.runtime.stats import GenerationResult, GenerationStats
+
+__all__ = ["ChatSession", "ContextError", "Engine", "GenerationOptions", "GenerationResult", "GenerationStats",
+           "Sampler", "ask"]

@@ -1,0 +1,93 @@
+"""From the user's budgets to the expert cache's capacity, with the process measured, not guessed.
+
+Contract: `plan_budget(bundle, memory_budget, expert_budget, ...)` returns a `BudgetPlan` whose
+`expert_bytes` is the expert cache capacity (None: no budget given, every expert resident):
+
+  --expert-budget SIZE|PCT   bounds the expert cache alone; a percentage is of all expert bytes
+                             (`edgemoe.offload.budget.ExpertBudget.for_experts`).
+  --memory-budget SIZE       bounds the whole process's RSS. The caller measures RSS once the trunk
+                             sessions are open, the KV cache is allocated and a warm-up token has run
+                             (`baseline_rss`); the experts get what is left after that baseline, the
+                             KV cache's untouched pages (np.zeros is lazily backed, so RSS does not yet
+                             show them), the prefill's activations (estimated from the prompt length)
+                             and a slack for expert loads in flight (a file's bytes plus the session
+                             being built from them, for the prefetcher and a demand load at once)
+                             (`edgemoe.offload.budget.MemoryBudget`).
+  both                       the smaller capacity.
+
+Either way the capacity must hold one expert (the largest): below that the refusal is a one-line
+`BudgetError` naming the minimum. Capacities are in the bundle's file bytes, as the store counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgemoe.bundle import Bundle
+from edgemoe.model.config import ModelConfig
+from edgemoe.offload.budget import ExpertBudget, MemoryBudget, format_bytes
+
+FIXED_SLACK = 16 << 20  # interpreter and allocator noise between the measurement and the run
+LOADS_IN_FLIGHT = 2  # the prefetcher's load and a demand load on the caller's thread
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The expert cache capacity and how it was arrived at."""
+
+    expert_bytes: int | None  # None: no budget, every expert resident
+    all_expert_bytes: int
+    largest_expert_bytes: int
+    memory_budget: MemoryBudget | None = None
+
+    @property
+    def offloading(self) -> bool:
+        return self.expert_bytes is not None
+
+    def describe(self) -> str:
+        if self.expert_bytes is None:
+            return f"all experts resident ({format_bytes(self.all_expert_bytes)})"
+        text = (f"expert cache {format_bytes(self.expert_bytes)} of {format_bytes(self.all_expert_bytes)} "
+                f"({self.expert_bytes / self.all_expert_bytes:.0%})")
+        if self.memory_budget is not None:
+            text += (f" within a memory budget of {format_bytes(self.memory_budget.total_bytes)} "
+                     f"(baseline {format_bytes(self.memory_budget.baseline_bytes)})")
+        return text
+
+
+def expert_sizes(bundle: Bundle) -> dict:
+    """Bytes of each expert as paging it reads them (graph + external data)."""
+    manifest = bundle.manifest
+    return {key: manifest.bytes_of(entry) for key, entry in manifest.experts().items()}
+
+
+def activation_bytes(cfg: ModelConfig, positions: int, vision_tokens: int, vision_hidden: int) -> int:
+    """A generous estimate of the largest transient of one forward pass over `positions` tokens.
+
+    Decoder layer: q|k|v, attention scores (heads x P x P, fp32), h and m, the MLP's three
+    [P, ffn] activations and the host's routed copies; the vision tower's pass the same way."""
+    p, t = positions, vision_tokens
+    decoder = p * (10 * cfg.hidden_size + 3 * cfg.intermediate_size) + cfg.num_heads * p * p
+    vision = t * 14 * vision_hidden + 16 * t * t
+    return 4 * max(decoder, vision)
+
+
+def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: str | int | None, *,
+                baseline_rss: int = 0, kv_cache_bytes: int = 0, prompt_positions: int = 0) -> BudgetPlan:
+    """The expert cache capacity for these budgets (module docstring)."""
+    sizes = expert_sizes(bundle)
+    largest, total = max(sizes.values()), sum(sizes.values())
+    capacities: list[int] = []
+    memory = None
+    if expert_budget is not None:
+        capacities.append(ExpertBudget.for_experts(expert_budget, sizes).capacity_bytes)
+    if memory_budget is not None:
+        vision = bundle.manifest.vision
+        tokens = int(vision.get("image_size", 336) // vision.get("patch_size", 14)) ** 2 + 1
+        memory = MemoryBudget.parse(
+            memory_budget, trunk_bytes=int(baseline_rss), kv_cache_bytes=int(kv_cache_bytes),
+            activation_bytes=activation_bytes(bundle.manifest.model_config(), prompt_positions, tokens,
+                                              int(vision.get("hidden_size", 1024))),
+            slack_bytes=FIXED_SLACK + LOADS_IN_FLIGHT * largest)
+        capacities.append(memory.expert_budget(sizes).capacity_bytes)
+    return BudgetPlan(min(capacities) if capacities else None, total, largest, memory)

@@ -1,0 +1,183 @@
+"""The engine: prefill and decode over the trunk, the MoE layers and the KV cache. Ids in, ids out.
+
+Contract: the engine knows nothing about tokenization. `prefill(ids, image)` takes prompt ids with
+one IMAGE_TOKEN_INDEX marker where the image goes (upstream's `tokenizer_image_token` output) and
+the projected image features, splices them exactly as upstream (text embedded, the marker replaced
+by all N feature rows, positions 0..L'-1 over the spliced sequence), runs every layer once over the
+whole prompt and returns the last position's logits. `decode(token)` runs one token at the next
+position. Logits at or past `logit_limit` (len(tokenizer); upstream truncates the vocabulary to it)
+are -inf. `generate_step` chains them: prefill, then sample, yield, decode, until a stop id (which
+is yielded, as HF's generate returns it) or `max_tokens`.
+
+The engine remembers which token sits at each cached position (`context`, image rows marked, plus
+a digest of the image features they hold). A later `prefill` reuses the longest common prefix of
+the cache and the new prompt and computes only the rest (multi-turn chat: the earlier turns stay
+cached); a different image or a changed turn truncates there and recomputes.
+
+Shape legend: S positions in this call, H hidden, V vocabulary, N image tokens, L' spliced length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgemoe.errors import EdgeMoEError
+from edgemoe.model.prompt import IMAGE_TOKEN_INDEX
+from edgemoe.runtime.kv_cache import KVCache
+from edgemoe.runtime.moe import MoELayer
+from edgemoe.runtime.sampling import Sampler
+from edgemoe.runtime.trunk import Trunk
+
+class ContextError(EdgeMoEError):
+    """A prompt (plus its answer) does not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class PrefillInfo:
+    """What the last prefill did: spliced prompt length, image tokens, positions computed."""
+
+    prompt_tokens: int  # L'
+    image_tokens: int
+    computed: int  # L' minus the reused cached prefix
+
+
+def splice_positions(ids: Sequence[int], image_tokens: int) -> list[int]:
+    """The token at each spliced position: ids with each marker expanded to `image_tokens` markers."""
+    out: list[int] = []
+    for i in ids:
+        out.extend([IMAGE_TOKEN_INDEX] * image_tokens if i == IMAGE_TOKEN_INDEX else [int(i)])
+    return out
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Engine:
+    """Trunk + MoE layers + KV cache for one conversation at a time."""
+
+    def __init__(self, trunk: Trunk, moe: MoELayer, logit_limit: int | None, capacity: int) -> None:
+        self.trunk, self.moe, self.config = trunk, moe, trunk.config
+        self.logit_limit = logit_limit
+        self.cache: KVCache = trunk.new_cache(min(capacity, self.max_positions))
+        self.context: list[int] = []  # token per cached position (IMAGE_TOKEN_INDEX for image rows)
+        self._image_digest: bytes | None = None  # which image the cached image rows hold
+        self.last_prefill: PrefillInfo | None = None
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.max_position_embeddings
+
+    # -- one forward pass ---------------------------------------------------------------------------
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x [S, H] at the next S positions -> final hidden [S, H]; the cache grows by S."""
+        moe_layers = self.config.moe
+        for n in range(self.config.num_layers):
+            h, m = self.trunk.attention(n, x, self.cache)
+            x = self.moe.forward(n, h, m) if moe_layers.is_moe(n) else h + self.trunk.dense_mlp(n, m)
+        self.cache.advance(x.shape[0])
+        return x
+
+    def logits(self, hidden_last: np.ndarray) -> np.ndarray:
+        """[1, H] -> masked fp32 logits [V]."""
+        logits = self.trunk.head(hidden_last)[0]
+        if self.logit_limit is not None and self.logit_limit < logits.shape[0]:
+            logits[self.logit_limit:] = -np.inf
+        return logits
+
+    def warm_up(self) -> None:
+        """One token through every trunk graph (MoE layers pass their input through, no expert is
+        asked for), so what a first run allocates is in the RSS the memory budget measures. The
+        cache rows it writes are scratch again afterwards."""
+        x = self.trunk.embed(np.zeros(1, np.int64))
+        for n in range(self.config.num_layers):
+            h, m = self.trunk.attention(n, x, self.cache)
+            x = h if self.config.moe.is_moe(n) else h + self.trunk.dense_mlp(n, m)
+        self.trunk.head(x)
+
+    # -- prefill and decode -------------------------------------------------------------------------
+
+    def embed_prompt(self, ids: Sequence[int], image: np.ndarray | None) -> np.ndarray:
+        """ids [L] with markers + features [N, H] -> spliced embeddings [L', H] (upstream's splice)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        marks = np.flatnonzero(ids == IMAGE_TOKEN_INDEX)
+        if len(marks) != (0 if image is None else 1):
+            raise EdgeMoEError(f"prompt has {len(marks)} image marker(s) but {0 if image is None else 1} image")
+        text = self.trunk.embed(np.where(ids == IMAGE_TOKEN_INDEX, 0, ids))  # [L, H]; marker rows unused
+        if image is None:
+            return text
+        at = int(marks[0])
+        return np.concatenate([text[:at], image.astype(np.float32), text[at + 1:]])
+
+    def reserve(self, positions: int) -> None:
+        """Make the cache hold `positions` (at most the model's context: generation stops there)."""
+        self.cache.reserve(min(positions, self.max_positions))
+
+    @property
+    def full(self) -> bool:
+        """No position left in the model's context."""
+        return self.cache.length >= self.max_positions
+
+    def prefill(self, ids: Sequence[int], image: np.ndarray | None = None, reserve_after: int = 0) -> np.ndarray:
+        """Prompt ids (+ image features) -> last position's logits [V], reusing a cached prefix."""
+        n_image = 0 if image is None else image.shape[0]
+        positions = splice_positions(ids, n_image)
+        if not positions:
+            raise EdgeMoEError("empty prompt")
+        if len(positions) > self.max_positions:
+            raise ContextError(f"the prompt takes {len(positions)} positions, more than the model's context of "
+                               f"{self.max_positions}")
+        keep = min(common_prefix(self.context, positions), len(positions) - 1)  # compute >= 1 position
+        digest = None if image is None else hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).digest()
+        if digest != self._image_digest and IMAGE_TOKEN_INDEX in self.context[:keep]:
+            keep = self.context.index(IMAGE_TOKEN_INDEX)  # another image: its rows must be recomputed
+        if image is not None:
+            self._image_digest = digest
+        self.reserve(len(positions) + reserve_after)
+        self.cache.truncate(keep)
+        del self.context[keep:]
+        self.moe.reset_hints()
+        x = self.embed_prompt(ids, image)[keep:]
+        hidden = self.forward(x)
+        self.context.extend(positions[keep:])
+        self.last_prefill = PrefillInfo(len(positions), n_image, len(positions) - keep)
+        return self.logits(hidden[-1:])
+
+    def decode(self, token: int) -> np.ndarray:
+        """One token at the next position -> logits [V]."""
+        if self.full:
+            raise ContextError(f"the conversation filled the model's context of {self.max_positions} positions")
+        if self.cache.room() < 1:  # a chat outgrew its cache: grow geometrically, one copy
+            self.reserve(max(self.cache.capacity * 2, self.cache.capacity + 64))
+        hidden = self.forward(self.trunk.embed(np.array([token], np.int64)))
+        self.context.append(int(token))
+        return self.logits(hidden)
+
+    def generate_step(self, ids: Sequence[int], image: np.ndarray | None, max_tokens: int,
+                      sampler: Sampler | None = None, stop_ids: Sequence[int] = (),
+                      on_logits: Callable[[np.ndarray], None] | None = None) -> Iterator[int]:
+        """Yield generated ids: prefill, then one decode per token until a stop id or max_tokens.
+        `on_logits` sees the logits each id is chosen from (the prefill's first; tests compare them
+        with the reference). Generation also ends, without a stop id, when the context is full."""
+        if max_tokens < 1:
+            raise EdgeMoEError(f"max tokens must be at least 1, got {max_tokens}")
+        sampler = sampler or Sampler()
+        stop = frozenset(int(i) for i in stop_ids)
+        logits = self.prefill(ids, image, reserve_after=max_tokens - 1)
+        for i in range(max_tokens):
+            if on_logits is not None:
+                on_logits(logits)
+            token = sampler(logits)
+            yield token
+            if token in stop or i == max_tokens - 1 or self.full:
+                return
+            logits = self.decode(token)

@@ -1,0 +1,67 @@
+"""A preallocated KV cache the attention graphs update in place.
+
+Contract: one C-contiguous float32 buffer [1, KVH, MAX, D] for keys and one for values per decoder
+layer, allocated once. The attention graph takes the buffer as past_key and writes its new rows
+into the same memory as present_key (IOBinding, see `trunk.Trunk.attention`), so a decoded token
+copies nothing: rows 0..length-1 hold the context, rows past it are scratch. `length` is the
+number of valid rows; `truncate(n)` forgets rows (multi-turn reuse keeps a common prefix) and
+`reserve(capacity)` grows the buffers by one copy when a conversation outgrows them.
+
+Shape legend: KVH key/value heads, MAX capacity (positions), D head dim.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+
+class KVCache:
+    """Per-layer key and value buffers plus the number of valid positions."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"KV cache capacity must be positive, got {capacity}")
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.length = 0
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        self.keys = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
+        self.values = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
+        # OrtValues wrapping (not copying) the numpy buffers: bound as both past_X and present_X.
+        self.ort_keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.keys]
+        self.ort_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.values]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+
+    def room(self) -> int:
+        return self.capacity - self.length
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` positions, keeping the valid rows (one copy, only when growing)."""
+        if capacity <= self.capacity:
+            return
+        old_k, old_v, n = self.keys, self.values, self.length
+        self._alloc(capacity)
+        for new, old in zip(self.keys + self.values, old_k + old_v):
+            new[:, :, :n] = old[:, :, :n]
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` positions (the rest become scratch)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
+    def advance(self, n: int) -> None:
+        """Record that `n` positions were written after the valid ones."""
+        if self.length + n > self.capacity:
+            raise ValueError(f"KV cache overflow: {self.length} + {n} > capacity {self.capacity}")
+        self.length += n

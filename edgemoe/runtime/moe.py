@@ -1,0 +1,120 @@
+"""A MoE layer in the host: route -> dispatch -> experts -> combine, experts from an `ExpertProvider`.
+
+Contract: `MoELayer.forward(layer, h, m)` returns h + sum_k w_k expert_k(m) for every token, where
+the routing is `routing.route` (fp32, deterministic) and the experts come from the provider. The
+layer never knows where an expert lives: it asks `provider.experts(layer, needed)` once per layer
+call and runs each expert it gets ONCE over all the tokens routed to it (an image prefill streams
+each expert once per layer, never once per token). Results are combined in ascending expert order
+whatever order the provider yields them in (resident first, misses as they stream in), so the sum,
+and therefore every token, is bit-identical between a resident and an offloading provider.
+
+Before running this layer's experts it hints the provider with its guess for the next MoE layer:
+the next layer's router applied to this layer's MoE input (the residual stream changes little
+between neighbouring layers; Mixtral-offloading's trick), so paging overlaps this layer's compute.
+The hint goes out once the provider has delivered the first expert, i.e. after it has pinned this
+layer's resident experts and queued its misses, so a guess can never evict what this layer needs.
+The guess is `edgemoe.offload.predictor.RouterPredictor` by default (any `ExpertPredictor` fits);
+`predictions` (a `PredictionStats`) scores every guess against what that layer then needs.
+
+Shape legend: N tokens, H hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import closing
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgemoe.errors import EdgeMoEError
+from edgemoe.keys import ExpertKey
+from edgemoe.offload.predictor import ExpertPredictor, PredictionStats, RouterPredictor
+from edgemoe.runtime.routing import Routers, Routing
+
+
+class ExpertProvider(Protocol):
+    """What the MoE layer needs from `edgemoe.offload` (resident or offloading)."""
+
+    def experts(self, layer: int, needed: Iterable[int]) -> Iterator[tuple[ExpertKey, Any]]: ...
+    def hint(self, layer: int, predicted: Iterable[int]) -> None: ...
+    def stats(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+def run_expert(runner: Any, x: np.ndarray) -> np.ndarray:
+    """y [n, H] = expert(x [n, H]) for a runner that is callable or has `run(x)`."""
+    fn = runner if callable(runner) else getattr(runner, "run", None)
+    if fn is None:
+        raise EdgeMoEError(f"expert runner {type(runner).__name__} is neither callable nor has run()")
+    return np.asarray(fn(x), dtype=np.float32)
+
+
+class MoELayer:
+    """Every MoE layer of a model, sharing one provider and one set of routers."""
+
+    def __init__(self, routers: Routers, provider: ExpertProvider, moe_layers: tuple[int, ...], top_k: int,
+                 predictor: ExpertPredictor | None = None, prefetch: bool = True) -> None:
+        self.routers, self.provider, self.top_k, self.prefetch = routers, provider, top_k, prefetch
+        self.moe_layers = tuple(sorted(moe_layers))
+        self.predictor = predictor or RouterPredictor(routers.weights, self.moe_layers, top_k)
+        self._hinted: dict[int, tuple[int, ...]] = {}  # layer -> experts hinted for its next call
+        self.predictions = PredictionStats()
+
+    def forward(self, layer: int, h: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """h, m [N, H] -> h + moe(m) [N, H]."""
+        routing = self.routers.route(layer, m, self.top_k)  # route
+        needed = routing.needed()
+        hinted = self._hinted.pop(layer, None)
+        if hinted is not None:
+            self.predictions.record(hinted, needed)
+        self.predictor.observe(layer, needed)
+        outputs = self._run_experts(layer, needed, routing, m)  # dispatch + experts (+ next-layer hint)
+        return h + combine(outputs, routing, m.shape)  # combine
+
+    def _hint_next(self, layer: int, m: np.ndarray) -> None:
+        if not self.prefetch:
+            return
+        for target, guess in self.predictor.predict(layer, m).items():
+            self._hinted[target] = guess
+            self.provider.hint(target, guess)
+
+    def _run_experts(self, layer: int, needed: tuple[int, ...], routing: Routing,
+                     m: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        with closing(self.provider.experts(layer, needed)) as delivered:
+            for key, runner in delivered:
+                if not outputs:
+                    # The provider has now pinned this layer's resident experts and queued its misses,
+                    # so paging the next layer's guesses cannot evict what this layer is about to run.
+                    self._hint_next(layer, m)
+                outputs[key.expert] = self._run_one(layer, needed, routing, m, key, runner, outputs)
+        missing = [e for e in needed if e not in outputs]
+        if missing:
+            raise EdgeMoEError(f"expert provider did not deliver L{layer}/E{missing[0]}")
+        return outputs
+
+    def _run_one(self, layer: int, needed: tuple[int, ...], routing: Routing, m: np.ndarray, key: ExpertKey,
+                 runner: Any, done: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Dispatch: the expert runs once over every token routed to it, as soon as it is delivered
+        (the provider may evict it when asked for the next one)."""
+        e = key.expert
+        if key.layer != layer or e not in needed or e in done:
+            raise EdgeMoEError(f"expert provider returned {key} when asked for layer {layer} experts {needed}")
+        token, slot = routing.tokens_of(e)
+        return token, slot, run_expert(runner, np.ascontiguousarray(m[token]))
+
+    def reset_hints(self) -> None:
+        """Forget pending guesses (a forward pass was abandoned)."""
+        self._hinted.clear()
+
+
+def combine(outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], routing: Routing,
+            shape: tuple[int, ...]) -> np.ndarray:
+    """sum_k w_k y_k per token, accumulated in fp32 in ascending expert order (order-independent input)."""
+    out = np.zeros(shape, dtype=np.float32)  # [N, H]
+    for e in sorted(outputs):
+        token, slot, y = outputs[e]
+        # A token appears at most once per expert (top-k picks distinct experts): plain indexing adds.
+        out[token] += y * routing.weights[token, slot, None]
+    return out

@@ -1,0 +1,122 @@
+"""What a generation reports: `GenerationStats`, `GenerationResult`, and the RSS sampler behind them.
+
+Contract: both are frozen dataclasses with `to_dict()` (what `edgemoe ask --json` prints). Timing:
+time to first token runs from the start of the request (image preprocessing included, bundle
+loading excluded: that is `load_s`) to the first id; decode tokens/s counts the tokens after the
+first over the time after the first. Cache and prediction numbers come from the expert provider's
+own counters over this generation (a delta, so a chat's turns each report their own). Peak RSS is
+the maximum of `RssSampler`'s samples (psutil, a background thread every few ms, plus explicit
+samples at phase boundaries) and, separately, the process's lifetime high-water mark from
+`resource.getrusage` (which includes whatever ran before, e.g. an export in the same process).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psutil
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Numbers about one generation (see module docstring)."""
+
+    prompt_tokens: int  # spliced prompt length L' (image tokens included)
+    image_tokens: int
+    prefill_tokens: int  # positions computed at prefill (less than prompt_tokens when a chat reuses its cache)
+    new_tokens: int
+    load_s: float
+    prefill_s: float
+    time_to_first_token_s: float
+    decode_s: float
+    decode_tokens_per_s: float | None  # None with fewer than two tokens
+    cache_hits: int
+    cache_misses: int
+    prediction_precision: float | None  # None when no prediction was scored
+    prediction_recall: float | None
+    bytes_paged: int  # every expert byte paged in during the request (prefill included)
+    decode_bytes_paged: int  # those paged after the first token
+    peak_rss_bytes: int  # sampled during this generation
+    max_rss_bytes: int  # the process's lifetime high-water mark (getrusage)
+    expert_budget_bytes: int | None  # None: every expert resident
+    policy: str
+
+    @property
+    def hit_rate(self) -> float | None:
+        total = self.cache_hits + self.cache_misses
+        return self.cache_hits / total if total else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "hit_rate": self.hit_rate}
+
+    def summary(self) -> str:
+        """One line for people: prompt, speed, experts, memory."""
+        speed = "-" if self.decode_tokens_per_s is None else f"{self.decode_tokens_per_s:.1f}"
+        parts = [f"{self.prompt_tokens} prompt tokens ({self.image_tokens} image)",
+                 f"first token {self.time_to_first_token_s:.2f} s", f"{self.new_tokens} tokens at {speed} tok/s",
+                 f"experts {self.cache_hits} hits / {self.cache_misses} misses ({self.policy})",
+                 f"{_mb(self.bytes_paged)} paged", f"peak RSS {_mb(self.peak_rss_bytes)}"]
+        if self.prediction_precision is not None and self.prediction_recall is not None:
+            parts.insert(4, f"prediction P {self.prediction_precision:.0%} R {self.prediction_recall:.0%}")
+        return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """An answer: its text, the generated ids (the stop id last when it stopped there), why it stopped."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    stop_reason: str  # "eos" | "length" | "context"
+    stats: GenerationStats
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"answer": self.text, "token_ids": list(self.token_ids), "stop_reason": self.stop_reason,
+                "stats": self.stats.to_dict()}
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+def max_rss_bytes() -> int:
+    """The process's peak RSS so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class RssSampler:
+    """Samples this process's RSS on a daemon thread while in use (`with RssSampler() as s: ...`)."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self._proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        rss = self._proc.memory_info().rss
+        self.peak = max(self.peak, rss)
+        return rss
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> "RssSampler":
+        self.sample()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="edgemoe-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()

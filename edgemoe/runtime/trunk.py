@@ -1,0 +1,127 @@
+"""The resident part of the model: one ORT session per trunk graph of a bundle, and how to call each.
+
+Contract: `Trunk.open(bundle)` opens every non-expert graph the manifest lists (vision, projector,
+embed, head, `layer{N}.attn` for every layer, `layer{N}.mlp` for the dense ones) and checks the
+attention graphs' cache shape against the model config. The methods are the graph contracts of
+`edgemoe.export.trunk_graphs`, in numpy:
+
+    embed(ids [S])                    -> [S, H]
+    encode_image(pixels [3, I, I])    -> projected features [N, H]   (vision then projector)
+    attention(n, x [S, H], cache)     -> h, m [S, H]; keys/values written into the cache in place
+    dense_mlp(n, m [S, H])            -> [S, H]
+    head(h [S, H])                    -> fp32 logits [S, V]
+
+`attention` binds the layer's preallocated cache buffer as both past_key and present_key (and
+values) through IOBinding, so ORT writes the S new rows at positions length..length+S-1 and copies
+nothing (onnxruntime-notes.md: a past -> present graph otherwise copies the whole cache per token).
+It does not advance the cache: the engine does, once every layer has written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from edgemoe.bundle import Bundle
+from edgemoe.model.config import ModelConfig
+from edgemoe.runtime.kv_cache import KVCache
+from edgemoe.runtime.sessions import RuntimeGraphError, one_line, session_options, trunk_session
+
+
+def _run(sess: ort.InferenceSession, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        return sess.run(None, feeds)
+    except Exception as exc:
+        raise RuntimeGraphError(f"graph {name} failed: {one_line(exc)}") from None
+
+
+@dataclass
+class Trunk:
+    """Sessions of the trunk graphs (see module docstring)."""
+
+    config: ModelConfig
+    vision: ort.InferenceSession
+    projector: ort.InferenceSession
+    embed_session: ort.InferenceSession
+    head_session: ort.InferenceSession
+    attn: list[ort.InferenceSession]
+    mlp: dict[int, ort.InferenceSession]
+
+    @classmethod
+    def open(cls, bundle: Bundle, progress: Callable[[str], None] | None = None) -> "Trunk":
+        cfg = bundle.manifest.model_config()
+        so = session_options()
+
+        def load(name: str) -> ort.InferenceSession:
+            if progress is not None:
+                progress(name)
+            return trunk_session(bundle.graph_path(name), so)
+
+        trunk = cls(cfg, load("vision"), load("projector"), load("embed"), load("head"),
+                    [load(f"layer{n}.attn") for n in range(cfg.num_layers)],
+                    {n: load(f"layer{n}.mlp") for n in cfg.dense_layers})
+        trunk._check_cache_shape()
+        return trunk
+
+    def _check_cache_shape(self) -> None:
+        cfg = self.config
+        for n, sess in enumerate(self.attn):
+            shape = next(i.shape for i in sess.get_inputs() if i.name == "past_key")
+            if shape[1] != cfg.num_kv_heads or shape[3] != cfg.head_dim:
+                raise RuntimeGraphError(f"graph layer{n}.attn has a cache of shape {shape}, expected "
+                                       f"[1, {cfg.num_kv_heads}, MAX, {cfg.head_dim}]")
+            if isinstance(shape[2], int):
+                raise RuntimeGraphError(f"graph layer{n}.attn fixes the cache length at {shape[2]}; "
+                                       "this runtime sizes it per request (re-export the bundle)")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.vision.get_inputs()[0].shape[-1])
+
+    def new_cache(self, capacity: int) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity)
+
+    # -- graphs -----------------------------------------------------------------------------------
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return _run(self.embed_session, "embed", {"ids": np.asarray(ids, np.int64)})[0]  # [S, H]
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """pixels [3, I, I] -> [N, H]: the tower's selected features, projected."""
+        feats = _run(self.vision, "vision", {"pixel_values": np.ascontiguousarray(pixels[None], np.float32)})[0]
+        return _run(self.projector, "projector", {"features": feats})[0]
+
+    def attention(self, n: int, x: np.ndarray, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
+        """x [S, H] at positions cache.length.. -> (h, m) [S, H]; writes rows into layer n's cache."""
+        s, start = x.shape[0], cache.length
+        total = start + s
+        if total > cache.capacity:
+            raise RuntimeGraphError(f"KV cache overflow: {total} positions > capacity {cache.capacity}")
+        sess = self.attn[n]
+        binding = sess.io_binding()
+        binding.bind_cpu_input("x", np.ascontiguousarray(x[None], np.float32))
+        binding.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64))
+        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        binding.bind_cpu_input("total_len", np.array(total, np.int32))
+        binding.bind_output("h", "cpu")
+        binding.bind_output("m", "cpu")
+        for past, present, value in (("past_key", "present_key", cache.ort_keys[n]),
+                                     ("past_value", "present_value", cache.ort_values[n])):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        try:
+            sess.run_with_iobinding(binding)
+        except Exception as exc:
+            raise RuntimeGraphError(f"graph layer{n}.attn failed: {one_line(exc)}") from None
+        h, m = binding.copy_outputs_to_cpu()[:2]
+        return h[0], m[0]
+
+    def dense_mlp(self, n: int, m: np.ndarray) -> np.ndarray:
+        return _run(self.mlp[n], f"layer{n}.mlp", {"x": np.ascontiguousarray(m)})[0]
+
+    def head(self, h: np.ndarray) -> np.ndarray:
+        return _run(self.head_session, "head", {"h": np.ascontiguousarray(h)})[0]  # [S, V]

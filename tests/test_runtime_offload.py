@@ -1,0 +1,134 @@
+"""Offloaded == resident (every budget down to one expert, every policy), determinism, budgets, failures."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgemoe.errors import EdgeMoEError
+from edgemoe.offload import POLICIES, BudgetError, ExpertLoadError
+from edgemoe.runtime import ask
+from test_runtime_fixtures import copy_bundle, edgemoe_cli, one_expert_bytes, run_engine, tiny  # noqa: F401
+
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def resident(tiny):
+    return run_engine(tiny.bundle("qwen"), tiny.image, None, max_tokens=TOKENS)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_offloaded_equals_resident_at_every_budget(tiny, resident, policy: str) -> None:
+    bundle = tiny.bundle("qwen")
+    one = one_expert_bytes(bundle)
+    want_tokens, want_logits, _ = resident
+    for experts in (8, 5, 2, 1):  # all 8 experts of the tiny model ... exactly one
+        tokens, logits, stats = run_engine(bundle, tiny.image, experts * one, policy, max_tokens=TOKENS)
+        assert tokens == want_tokens, f"{experts} experts, {policy}"
+        for step, (got, want) in enumerate(zip(logits, want_logits)):
+            assert np.array_equal(got, want), f"{experts} experts, {policy}: logits differ at step {step}"
+        assert stats.cache.peak_bytes <= experts * one
+        if experts < 8:
+            assert stats.cache.misses > 0 and stats.cache.evictions > 0
+
+
+def test_same_answer_every_run_and_seeded_sampling(tiny) -> None:
+    bundle = tiny.bundle("phi")
+    first = ask(bundle, "Describe it.", tiny.image, max_tokens=TOKENS)
+    second = ask(bundle, "Describe it.", tiny.image, max_tokens=TOKENS, expert_budget="30%")
+    assert (first.token_ids, first.text) == (second.token_ids, second.text)
+    assert first.stop_reason == "length" and len(first.token_ids) == TOKENS
+    hot = dict(temperature=50.0, top_p=0.9, max_tokens=TOKENS)  # hot enough that the seed matters
+    a = ask(bundle, "Describe it.", tiny.image, seed=3, **hot)
+    b = ask(bundle, "Describe it.", tiny.image, seed=3, expert_budget="25%", policy="lfu", **hot)
+    c = ask(bundle, "Describe it.", tiny.image, seed=4, **hot)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_stats_are_filled_in(tiny) -> None:
+    result = ask(tiny.bundle("stablelm"), "What is it?", tiny.image, max_tokens=TOKENS, expert_budget="25%",
+                 policy="edgemoe")
+    s = result.stats
+    assert s.image_tokens == 16 and s.prompt_tokens == s.prefill_tokens > s.image_tokens
+    assert s.new_tokens == len(result.token_ids) == TOKENS
+    assert s.time_to_first_token_s > 0 and s.decode_tokens_per_s > 0
+    assert s.cache_misses > 0 and s.bytes_paged >= s.cache_misses * 1000 and s.decode_bytes_paged <= s.bytes_paged
+    assert 0 <= s.prediction_precision <= 1 and 0 <= s.prediction_recall <= 1
+    assert s.peak_rss_bytes > 0 and s.max_rss_bytes >= s.peak_rss_bytes * 0.9
+    assert s.policy == "edgemoe" and s.expert_budget_bytes > 0
+
+
+def test_budgets_below_the_minimum_are_refused(tiny) -> None:
+    bundle = tiny.bundle("stablelm")
+    one = one_expert_bytes(bundle)
+    with pytest.raises(BudgetError, match=f"minimum is {one} bytes") as info:
+        ask(bundle, "What is it?", tiny.image, max_tokens=2, expert_budget=one - 1)
+    assert "\n" not in str(info.value)
+    with pytest.raises(BudgetError, match=r"the minimum budget is \d+ bytes") as info:
+        ask(bundle, "What is it?", tiny.image, max_tokens=2, memory_budget="20MB")
+    assert "\n" not in str(info.value)
+    with pytest.raises(EdgeMoEError, match="policy"):
+        ask(bundle, "What is it?", tiny.image, max_tokens=2, policy="fifo")
+
+
+def test_memory_budget_leaves_the_rest_to_experts(tiny) -> None:
+    bundle = tiny.bundle("stablelm")
+    with pytest.raises(BudgetError) as info:
+        ask(bundle, "What is it?", tiny.image, max_tokens=2, memory_budget="20MB")
+    minimum = int(str(info.value).split("the minimum budget is ")[1].split(" bytes")[0])
+    # Well above the minimum (RSS moves between sessions), the experts get what is left, capped at all.
+    result = ask(bundle, "What is it?", tiny.image, max_tokens=4, memory_budget=minimum + (64 << 20))
+    assert result.stats.expert_budget_bytes >= one_expert_bytes(bundle)
+    assert result.token_ids == ask(bundle, "What is it?", tiny.image, max_tokens=4).token_ids
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)  # same size: only the sha256 check can tell
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_expert_file_is_a_one_line_error(tiny, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny.bundle("stablelm"), tmp_path / "corrupt")
+    _corrupt(bundle / "experts" / "L2" / "E1.onnx")
+    run = edgemoe_cli("ask", str(bundle), "What is it?", "--image", str(tiny.image), "--max-tokens", "4",
+                      "--expert-budget", str(one_expert_bytes(bundle)), timeout=60)
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot load expert L2/E1"), run.stderr
+    assert "sha256" in lines[0]
+
+
+def test_read_error_while_paging_raises_instead_of_hanging(tiny, monkeypatch) -> None:
+    bundle = tiny.bundle("qwen")
+    real = Path.read_bytes
+
+    def failing(path: Path) -> bytes:
+        if path.parts[-3:] == ("experts", "L0", "E2.onnx"):
+            raise OSError(5, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    outcome: dict[str, BaseException | object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = ask(bundle, "What is it?", tiny.image, max_tokens=4,
+                                    expert_budget=one_expert_bytes(bundle))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "a failed expert read hung the runtime"
+    error = outcome.get("error")
+    assert isinstance(error, ExpertLoadError), outcome
+    assert str(error).startswith("cannot load expert L0/E2") and "Input/output error" in str(error)
+    assert "\n" not in str(error)

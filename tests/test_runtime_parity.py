@@ -1,0 +1,57 @@
+"""The runtime against the torch reference: same tokens, same logits (fp32 bundles, every family)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgemoe.bundle import Bundle
+from edgemoe.model.checkpoint import Checkpoint
+from edgemoe.model.image import preprocess_image
+from edgemoe.reference import ReferenceModel, generate
+from test_runtime_fixtures import FAMILIES, prompt_ids, run_engine, tiny  # noqa: F401 (fixture)
+
+TOKENS = 10
+LOGIT_TOL = 1e-4
+
+
+def reference_run(tiny, family: str, ids: list[int], tokens: list[int]) -> tuple[list[int], list[np.ndarray]]:
+    """The reference's greedy ids (`generate`) and its logits at every step of `tokens` (teacher-forced)."""
+    manifest = Bundle.open(tiny.bundle(family)).manifest
+    model = ReferenceModel.from_checkpoint(Checkpoint.open(tiny.checkpoint(family)))
+    limit, eos = manifest.tokenizer["len_tokenizer"], manifest.tokenizer["eos_token_id"]
+    pixels = torch.from_numpy(preprocess_image(tiny.image, manifest.processor_config(),
+                                               model.config.image_aspect_ratio))[None]
+    greedy = generate(model, ids, pixels, TOKENS, [eos], limit)
+    with torch.no_grad():
+        cache = model.new_cache()
+        logits = [model(model.embed(ids, model.encode_image(pixels)).embeds, cache, logit_limit=limit)[0, -1]]
+        for t in tokens[:-1]:
+            logits.append(model(model.embed_tokens(torch.tensor([[t]])), cache, logit_limit=limit)[0, -1])
+    return list(greedy.token_ids), [x.numpy() for x in logits]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_bundle_matches_the_torch_reference(tiny, family: str) -> None:
+    ids = prompt_ids(tiny.bundle(family))
+    tokens, logits, _ = run_engine(tiny.bundle(family), tiny.image, max_tokens=TOKENS, ids=ids)
+    ref_tokens, ref_logits = reference_run(tiny, family, ids, tokens)
+    assert tokens == ref_tokens
+    assert len(logits) == len(ref_logits) == len(tokens)
+    for step, (got, want) in enumerate(zip(logits, ref_logits)):
+        masked = ~np.isfinite(want)
+        assert np.array_equal(~np.isfinite(got), masked), f"step {step}: masked logits differ"
+        assert masked.any(), "the padded vocabulary past len(tokenizer) must be masked"
+        err = np.abs(got[~masked] - want[~masked]).max()
+        assert err < LOGIT_TOL, f"step {step} ({'prefill' if step == 0 else 'decode'}): max |diff| {err:.2e}"
+
+
+def test_int4_bundle_answers_close_to_fp32(tiny) -> None:
+    fp32_tokens, fp32_logits, _ = run_engine(tiny.bundle("stablelm"), tiny.image, max_tokens=6)
+    tokens, logits, _ = run_engine(tiny.bundle("stablelm", "int4"), tiny.image, max_tokens=6)
+    again, _, _ = run_engine(tiny.bundle("stablelm", "int4"), tiny.image, max_tokens=6)
+    assert tokens == again  # deterministic
+    assert tokens[0] == fp32_tokens[0]  # the tiny models' successor logit wins by a wide margin
+    finite = np.isfinite(fp32_logits[0])
+    assert np.corrcoef(logits[0][finite], fp32_logits[0][finite])[0, 1] > 0.95
