@@ -110,7 +110,140 @@ def export(
                                   max_image_tokens=max_image_tokens, overwrite=overwrite)
     with _phase_progress() as progress:
         result = export_bundle(checkpoint, bundle, options, progress)
-    out.print(result.summary())
+    out.print(result.summary(), soft_wrap=True, highlight=False)
+
+
+@app.command()
+def bench(
+    bundle: Path = typer.Argument(..., help="A bundle directory."),
+    expert_budgets: Optional[str] = typer.Option(
+        None, "--expert-budgets", help="Comma-separated percentages of the expert bytes or sizes "
+                                       "(default 100%,75%,50%,25% unless --memory-budgets is given)."),
+    memory_budgets: Optional[str] = typer.Option(None, "--memory-budgets", help="Comma-separated sizes, e.g. 2GB,3GB."),
+    policies: str = typer.Option("lru", "--policies", help="Comma-separated: lru, lfu, edgemoe."),
+    image: Optional[Path] = typer.Option(None, "--image", help="The image to ask about (default: a synthetic one)."),
+    question: Optional[str] = typer.Option(None, "--question", help="The question (default: describe the image)."),
+    tokens: int = typer.Option(32, "--tokens", help="Tokens to generate per run."),
+    peers: bool = typer.Option(False, "--peers", help="Also run torch fp32/bf16, accelerate offload, all-resident."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The checkpoint the peers load."),
+    warm: bool = typer.Option(False, "--warm", help="Keep the bundle in the page cache between runs."),
+    offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="accelerate's weight folder (kept)."),
+    timeout: float = typer.Option(3600, "--timeout", help="Seconds before a run is stopped."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON report to this file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw tokens/s and hit rate vs budget (PNG)."),
+) -> None:
+    """Sweep expert budgets x policies, each run a fresh process, against this machine's physical limit."""
+    from edgemoe.bench import BenchOptions, plot_report, render_report, run_bench
+    from edgemoe.bench.prompt import DEFAULT_QUESTION
+
+    options = BenchOptions.parse(expert_budgets, memory_budgets, policies, tokens=tokens, image=image,
+                                 question=question or DEFAULT_QUESTION, peers=peers, checkpoint=checkpoint,
+                                 cold=not warm, offload_dir=offload_dir, timeout_s=timeout)
+    with _phase_progress() as progress:
+        report = run_bench(bundle, options, progress)
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(report.to_json())
+    if plot is not None:
+        plot_report(report, plot)
+    if as_json:
+        sys.stdout.write(report.to_json())
+    else:
+        render_report(report, out)
+    if report.failures:
+        err.print(f"{len(report.failures)} run(s) failed: {report.failures[0].label}: {report.failures[0].error}")
+        raise typer.Exit(1)
+
+
+_BUDGET_HELP = {
+    "memory": "Bound the whole process's RSS (e.g. 3GB): the experts get what the trunk and KV cache leave.",
+    "expert": "Bound the expert cache alone: bytes (800MB) or a percentage of all expert bytes (25%).",
+}
+
+
+def _generation_options(max_tokens: int, memory_budget: Optional[str], expert_budget: Optional[str], policy: str,
+                        temperature: float, top_p: float, seed: int) -> Any:
+    from edgemoe.runtime import GenerationOptions
+
+    return GenerationOptions(max_tokens, memory_budget, expert_budget, policy, temperature, top_p, seed)
+
+
+def _stream_text(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+@app.command()
+def ask(
+    bundle: Path = typer.Argument(..., help="A bundle directory (from edgemoe export)."),
+    question: str = typer.Argument(..., help="The question about the image."),
+    image: Optional[Path] = typer.Option(None, "--image", help="The image to ask about."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens to generate."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help=_BUDGET_HELP["memory"]),
+    expert_budget: Optional[str] = typer.Option(None, "--expert-budget", help=_BUDGET_HELP["expert"]),
+    policy: str = typer.Option("lru", "--policy", help="Expert eviction policy: lru | lfu | edgemoe."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy, the same answer every run."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed gives the same answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, token_ids, stats."),
+) -> None:
+    """Answer a question about an image, streaming the answer as it is generated."""
+    from edgemoe.runtime import ChatSession
+
+    options = _generation_options(max_tokens, memory_budget, expert_budget, policy, temperature, top_p, seed)
+    with ChatSession(bundle, image, options, reserve_turns=1) as session:
+        result = session.ask(question, on_text=None if as_json else _stream_text)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("\n")
+        err.print(result.stats.summary(), highlight=False)
+
+
+@app.command()
+def chat(
+    bundle: Path = typer.Argument(..., help="A bundle directory (from edgemoe export)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="The image the conversation is about."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens per answer."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help=_BUDGET_HELP["memory"]),
+    expert_budget: Optional[str] = typer.Option(None, "--expert-budget", help=_BUDGET_HELP["expert"]),
+    policy: str = typer.Option("lru", "--policy", help="Expert eviction policy: lru | lfu | edgemoe."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy, the same answers every run."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per answer (JSON lines)."),
+) -> None:
+    """Talk about an image: one question per line on stdin, until EOF or 'exit'."""
+    from edgemoe.runtime import ChatSession
+
+    options = _generation_options(max_tokens, memory_budget, expert_budget, policy, temperature, top_p, seed)
+    interactive = sys.stdin.isatty()
+    with ChatSession(bundle, image, options) as session:
+        for question in _questions(interactive):
+            result = session.ask(question, on_text=None if as_json else _stream_text)
+            if as_json:
+                sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+            else:
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+            if interactive:
+                err.print(result.stats.summary(), highlight=False)
+
+
+def _questions(interactive: bool) -> Iterator[str]:
+    """Lines of stdin, stripped and non-empty, until EOF or exit/quit (a prompt only on a terminal)."""
+    while True:
+        if interactive:
+            err.print("> ", end="")
+        line = sys.stdin.readline()
+        if not line:
+            return
+        question = line.strip()
+        if question.lower() in ("exit", "quit"):
+            return
+        if question:
+            yield question
 
 
 @contextmanager
