@@ -1,0 +1,281 @@
+"""The peers' side of a benchmark: one peer per fresh process, printing one JSON object like `edgemoe ask`.
+
+    python -m edgemoe.bench.peer_child torch --checkpoint CKPT --dtype bf16 --image IMG --question Q --tokens N
+    python -m edgemoe.bench.peer_child accelerate-prepare --checkpoint CKPT --dtype bf16 --offload-dir DIR
+    python -m edgemoe.bench.peer_child accelerate --checkpoint CKPT --dtype bf16 --offload-dir DIR \
+        --max-memory BYTES --image IMG --question Q --tokens N
+
+Contract: the prompt is built exactly as the runtime builds it (the family's conversation template,
+`tokenize_with_image`, `preprocess_image`), generation is greedy on a KV cache and stops at the stop
+token or after N tokens, and the printed stats use `edgemoe ask`'s keys and definitions: time to first
+token from the request (image preprocessing included) to the first id, model loading excluded
+(`load_s`); decode tokens/s over the tokens after the first.
+
+`torch`: the reference model fully resident at fp32 or bf16: what a user runs without DeepSpeed.
+`accelerate`: Hugging Face accelerate's big-model offload of the same model with only `max_memory`
+bytes of weights in RAM: the model is built on the meta device, `infer_auto_device_map(max_memory=
+{"cpu": ...})` places modules in order on "cpu" until the budget is spent and the rest on "disk",
+and `dispatch_model(main_device="cpu", offload_dir=...)` hooks every module on disk so that each
+forward copies its weights out of a numpy memmap (the folder `accelerate-prepare` writes with
+accelerate's own `offload_weight`) and drops them afterwards. Offload is at module granularity: a
+module's weights load when that module is *called*; an expert nobody routes to is not read. Two
+modules use a child's weight without calling it, which accelerate cannot see: each MoE router
+(`MoELayer.route` reads `router.weight`), pinned to "cpu" here (torch computes silently with a
+meta tensor otherwise), and the vision embeddings, kept whole and preloaded. torch is imported
+inside the functions only: importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROUTER_SUFFIX = ".moe.router"
+# Kept whole in the device map (never split below them): the units accelerate may place on disk.
+NO_SPLIT = ["Attention", "MLP", "Norm", "VisionEmbeddings", "LMHead"]
+PRELOAD = ["VisionEmbeddings"]  # its forward reads position_embedding.weight without calling it
+DTYPES = ("fp32", "bf16")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def _max_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+# -- the prompt, as the runtime builds it -------------------------------------------------------
+
+def prompt_inputs(ckpt, question: str):
+    """(ids with the image marker, tokenizer, stop id, stop string)."""
+    from edgemoe.model.prompt import Conversation, stop_token_id, tokenize_with_image
+    from edgemoe.model.tokenizer import load_tokenizer
+
+    cfg = ckpt.config
+    tokenizer = load_tokenizer(ckpt.directory, cfg.family)
+    conv = Conversation.for_family(cfg.family).add_user(question, image=True)
+    ids = tokenize_with_image(tokenizer, conv.render())
+    return ids, tokenizer, stop_token_id(tokenizer, conv), conv.stop_str
+
+
+def pixels_of(ckpt, image: Path):
+    """Pixel values [3, S, S] as the runtime computes them."""
+    from edgemoe.model.image import preprocess_image
+
+    return preprocess_image(image, ckpt.tower.processor, ckpt.config.image_aspect_ratio)
+
+
+def timed_generate(model, ckpt, image: Path, ids, tokens: int, stop_id: int, logit_limit: int) -> dict[str, Any]:
+    """Greedy generation with the reference model's KV cache, timed like `edgemoe ask` (from the
+    request, image preprocessing included, to the first id; then the tokens after it)."""
+    import torch
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        pixels = pixels_of(ckpt, image)
+        features = model.encode_image(torch.from_numpy(pixels)[None])
+        prompt = model.embed(ids, features)
+        cache = model.new_cache()
+        logits = model(prompt.embeds, cache, logit_limit=logit_limit)
+        out = [int(logits[0, -1].argmax())]
+        t_first = time.perf_counter()
+        while len(out) < tokens and out[-1] != stop_id:
+            step = model.embed_tokens(torch.tensor([[out[-1]]]))
+            logits = model(step, cache, logit_limit=logit_limit)
+            out.append(int(logits[0, -1].argmax()))
+        t_end = time.perf_counter()
+    decode_s = t_end - t_first
+    rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else None
+    return {"token_ids": out, "stop_reason": "eos" if out[-1] == stop_id else "length",
+            "prompt_tokens": int(prompt.embeds.shape[1]), "time_to_first_token_s": t_first - t0,
+            "decode_s": decode_s, "decode_tokens_per_s": rate}
+
+
+def _answer(tokenizer, token_ids: list[int], stop_str: str) -> str:
+    from edgemoe.model.prompt import cut_at_stop
+
+    return cut_at_stop(tokenizer.decode(token_ids), stop_str)
+
+
+def _emit(tokenizer, stop_str: str, gen: dict[str, Any], **stats: Any) -> None:
+    token_ids, stop_reason = gen.pop("token_ids"), gen.pop("stop_reason")
+    result = {"answer": _answer(tokenizer, token_ids, stop_str), "token_ids": token_ids,
+              "stop_reason": stop_reason, "stats": {**gen, **stats, "peak_rss_bytes": _max_rss()}}
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+# -- torch, fully resident ------------------------------------------------------------------------
+
+def run_torch(args: argparse.Namespace) -> None:
+    import torch
+
+    from edgemoe.model.checkpoint import Checkpoint
+    from edgemoe.reference.model import ReferenceModel
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ckpt = Checkpoint.open(args.checkpoint)
+    ids, tokenizer, stop_id, stop_str = prompt_inputs(ckpt, args.question)
+    t0 = time.perf_counter()
+    model = ReferenceModel.from_checkpoint(ckpt, _torch_dtype(args.dtype))
+    load_s = time.perf_counter() - t0
+    gen = timed_generate(model, ckpt, args.image, ids, args.tokens, stop_id, len(tokenizer))
+    _emit(tokenizer, stop_str, gen, load_s=load_s, dtype=args.dtype)
+
+
+# -- accelerate ---------------------------------------------------------------------------------
+
+def _meta_model(ckpt, dtype):
+    import torch
+
+    from edgemoe.reference.model import ReferenceModel
+
+    bias = ckpt.config.lm_head_bias or ckpt.has("lm_head.bias")
+    with torch.device("meta"):
+        model = ReferenceModel(ckpt.config, ckpt.tower.vision, bias)
+    return model.to(dtype).requires_grad_(False).eval()
+
+
+def prepare_offload(args: argparse.Namespace) -> None:
+    """Write every weight of the model at `dtype` into `offload_dir` in accelerate's format (once)."""
+    import torch
+    from accelerate.utils import offload_weight, save_offload_index
+
+    from edgemoe.model.checkpoint import Checkpoint
+    from edgemoe.reference.model import module_key
+
+    folder, marker = Path(args.offload_dir), Path(args.offload_dir) / "edgemoe-source.json"
+    source = {"checkpoint": str(Path(args.checkpoint).resolve()), "dtype": args.dtype}
+    if marker.is_file() and json.loads(marker.read_text()) == source and (folder / "index.json").is_file():
+        sys.stdout.write(json.dumps({"prepared": str(folder), "reused": True}) + "\n")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpoint.open(args.checkpoint)
+    dtype = _torch_dtype(args.dtype)
+    wanted = set(_meta_model(ckpt, dtype).state_dict())
+    index: dict[str, Any] = {}
+    for name in ckpt.names:  # one tensor in memory at a time
+        key = module_key(name)
+        if key in wanted:
+            index = offload_weight(torch.tensor(ckpt.tensor(name), dtype=dtype), key, str(folder), index)
+    if ckpt.config.tie_word_embeddings:
+        index["head.lm_head.weight"] = index["embed_tokens.weight"]
+        os.link(folder / "embed_tokens.weight.dat", folder / "head.lm_head.weight.dat")
+    save_offload_index(index, str(folder))
+    marker.write_text(json.dumps(source))
+    sys.stdout.write(json.dumps({"prepared": str(folder), "reused": False, "tensors": len(index)}) + "\n")
+
+
+def _covering(device_map: dict[str, Any], name: str) -> str:
+    return max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len)
+
+
+def pin(model, device_map: dict[str, Any], name: str, device: str) -> None:
+    """Put module `name` on `device`, splitting the entry that covers it into its children first."""
+    while name not in device_map:
+        cover = _covering(device_map, name)
+        module = model.get_submodule(cover)
+        if any(True for _ in module.named_parameters(recurse=False)):
+            raise RuntimeError(f"cannot split {cover or 'the model'}: it holds parameters of its own")
+        where = device_map.pop(cover)
+        for child, _ in module.named_children():
+            device_map[f"{cover}.{child}" if cover else child] = where
+    device_map[name] = device
+
+
+def device_map_for(model, max_memory: int) -> dict[str, Any]:
+    """accelerate's own placement under `max_memory` bytes of CPU RAM, with the routers pinned."""
+    from accelerate import infer_auto_device_map
+
+    device_map = dict(infer_auto_device_map(model, max_memory={"cpu": int(max_memory)},
+                                            no_split_module_classes=NO_SPLIT))
+    for name, _ in model.named_modules():
+        if name.endswith(ROUTER_SUFFIX) and device_map[_covering(device_map, name)] != "cpu":
+            pin(model, device_map, name, "cpu")
+    return device_map
+
+
+def _load_resident(model, device_map: dict[str, Any], folder: Path) -> int:
+    """Materialise the weights of every module placed on "cpu" from the offload folder; bytes loaded."""
+    from accelerate.utils import set_module_tensor_to_device
+    from accelerate.utils.offload import load_offloaded_weight
+
+    index = json.loads((folder / "index.json").read_text())
+    loaded = 0
+    for key in model.state_dict():
+        if device_map[_covering(device_map, key)] == "cpu":
+            value = load_offloaded_weight(str(folder / f"{key}.dat"), index[key])
+            set_module_tensor_to_device(model, key, "cpu", value=value)
+            loaded += value.numel() * value.element_size()
+    return loaded
+
+
+def run_accelerate(args: argparse.Namespace) -> None:
+    import torch
+    from accelerate import dispatch_model
+
+    from edgemoe.model.checkpoint import Checkpoint
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ckpt = Checkpoint.open(args.checkpoint)
+    ids, tokenizer, stop_id, stop_str = prompt_inputs(ckpt, args.question)
+    t0 = time.perf_counter()
+    model = _meta_model(ckpt, _torch_dtype(args.dtype))
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    device_map = device_map_for(model, args.max_memory)
+    resident = _load_resident(model, device_map, Path(args.offload_dir))
+    model = dispatch_model(model, device_map, main_device="cpu", offload_dir=str(args.offload_dir),
+                           preload_module_classes=PRELOAD)
+    load_s = time.perf_counter() - t0
+    gen = timed_generate(model, ckpt, args.image, ids, args.tokens, stop_id, len(tokenizer))
+    on_disk = sorted(k for k, v in device_map.items() if v == "disk")
+    _emit(tokenizer, stop_str, gen, load_s=load_s, dtype=args.dtype, max_memory_bytes=args.max_memory,
+          resident_weight_bytes=resident, offloaded_weight_bytes=total - resident,
+          device_map_entries=len(device_map), disk_entries=len(on_disk), first_disk_module=on_disk[0] if on_disk
+          else None)
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m edgemoe.bench.peer_child")
+    sub = parser.add_subparsers(dest="peer", required=True)
+    for name in ("torch", "accelerate", "accelerate-prepare"):
+        p = sub.add_parser(name)
+        p.add_argument("--checkpoint", type=Path, required=True)
+        p.add_argument("--dtype", choices=DTYPES, default="bf16")
+        if name != "accelerate-prepare":
+            p.add_argument("--image", type=Path, required=True)
+            p.add_argument("--question", required=True)
+            p.add_argument("--tokens", type=int, required=True)
+        if name != "torch":
+            p.add_argument("--offload-dir", type=Path, required=True)
+        if name == "accelerate":
+            p.add_argument("--max-memory", type=int, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run = {"torch": run_torch, "accelerate": run_accelerate, "accelerate-prepare": prepare_offload}[args.peer]
+    from edgemoe.errors import EdgeMoEError
+
+    try:
+        run(args)
+    except EdgeMoEError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

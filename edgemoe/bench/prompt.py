@@ -1,0 +1,65 @@
+"""The request every run of a sweep answers: a question, an image, and the prompt length they make.
+
+Contract: `synthetic_image(path)` writes a deterministic, non-square RGB picture (a gradient with a
+few shapes: no file, no network needed) so sweeps are reproducible without user data.
+`estimate_prompt_tokens(bundle, question)` is the spliced prompt length the runtime will see: the
+family's template tokenized with the bundle's own tokenizer, with the image marker replaced by the
+tower's feature count. It is what sizes the KV cache in the physical limit when a run does not
+report its own `prompt_tokens`; None when the bundle's tokenizer cannot be read.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from edgemoe.bundle import Bundle
+from edgemoe.errors import EdgeMoEError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUESTION = "Describe this image in detail."
+TOKENIZER_DIR = "tokenizer"
+
+
+def synthetic_image(path: Path, size: tuple[int, int] = (480, 360), seed: int = 0) -> Path:
+    """A gradient with six shapes, written as PNG to `path`."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+    rgb = np.stack([x, y, (1 - x) * (1 - y)], axis=-1) * rng.uniform(0.4, 1.0, size=3)
+    img = Image.fromarray((rgb * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
+        box = (x0, y0, x0 + int(rng.integers(30, 160)), y0 + int(rng.integers(30, 160)))
+        fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def image_tokens(bundle: Bundle) -> int:
+    """Features the tower gives per image (576 for CLIP-L/14-336 with select_feature 'patch')."""
+    manifest = bundle.manifest
+    positions = manifest.vision_config().num_positions
+    return positions - (1 if manifest.vision.get("select_feature", "patch") == "patch" else 0)
+
+
+def estimate_prompt_tokens(bundle: Bundle, question: str) -> int | None:
+    """Spliced prompt length for `question` about one image (module docstring)."""
+    from edgemoe.model.prompt import IMAGE_TOKEN_INDEX, Conversation, tokenize_with_image
+    from edgemoe.model.tokenizer import load_tokenizer
+
+    family = bundle.manifest.model.get("family", "")
+    try:
+        tokenizer = load_tokenizer(bundle.root / TOKENIZER_DIR, family)
+        ids = tokenize_with_image(tokenizer, Conversation.for_family(family).add_user(question, image=True).render())
+        return len(ids) - ids.count(IMAGE_TOKEN_INDEX) + image_tokens(bundle)
+    except (EdgeMoEError, OSError, KeyError, ValueError) as exc:
+        log.warning("cannot estimate the prompt length from %s: %s", bundle.root, exc)
+        return None
