@@ -160,8 +160,10 @@ class ChatSession:
         first = not self.conversation.messages
         conv = self.conversation.add_user(question, image=first and self.image is not None)
         ids = tokenize_with_image(self.tokenizer, conv.render())
-        engine = self.engine or self._start(
-            len(splice_positions(ids, self.image_tokens if self.image is not None else 0)))
+        if self.engine is None:
+            self._start(len(splice_positions(ids, self.image_tokens if self.image is not None else 0)))
+            t0 = time.monotonic()  # one-off set-up is load_s, not time to first token
+        engine = self.engine
         before = _Snapshot.take(self.provider, engine)
         with RssSampler() as rss:
             result = self._generate(engine, ids, max_tokens or self.options.max_tokens, on_text, t0, rss, before)
