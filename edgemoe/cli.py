@@ -103,11 +103,11 @@ def export(
 ) -> None:
     """Export a checkpoint to a bundle: trunk graphs + one graph per expert, each validated against torch."""
     from edgemoe.export.options import ExportOptions
-    from edgemoe.export.pipeline import export_bundle
 
     options = ExportOptions.parse(precision, target, vision_precision, accuracy_budget, size_budget,
                                   calibration_images=calibration_images, calibration_prompts=calibration_prompts,
                                   max_image_tokens=max_image_tokens, overwrite=overwrite)
+    from edgemoe.export.pipeline import export_bundle  # torch: only once the arguments are known good
     with _phase_progress() as progress:
         result = export_bundle(checkpoint, bundle, options, progress)
     out.print(result.summary(), soft_wrap=True, highlight=False)

@@ -23,7 +23,7 @@ from edgemoe.keys import ExpertKey
 from edgemoe.model.checkpoint import Checkpoint
 from edgemoe.quant.metrics import OutputError
 from edgemoe.quant.policy import PolicyResult, auto
-from edgemoe.quant.schemes import Precision
+from edgemoe.quant.schemes import Precision, QuantError
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,23 @@ def choose_expert_precisions(ckpt: Checkpoint, cset: CalibrationSet, graphs: Exp
     with ExpertEvaluator(ckpt, samples, graphs, vocab_rows=vocab_rows) as ev:
         baseline_s = time.monotonic() - t0
 
+        seen: list[OutputError] = []
+
         def evaluate(assignment: Mapping[ExpertKey, Precision]) -> OutputError:
             err = ev(assignment)
+            seen.append(err)
             if progress is not None:
                 progress(ev.evaluations, total, str(err))
             return err
 
-        result = auto(keys, plan.levels, evaluate, graphs.size, options.accuracy_budget, options.size_budget,
-                      plan.target)
+        try:
+            result = auto(keys, plan.levels, evaluate, graphs.size, options.accuracy_budget, options.size_budget,
+                          plan.target)
+        except QuantError as exc:
+            if seen and not options.accuracy_budget.allows(seen[0]):  # the all-top assignment already misses
+                raise QuantError(f"{exc}; {plan.levels[0].value} is the highest level auto uses on target "
+                                 f"{plan.target}: export with --precision fp32, or relax --accuracy-budget") from None
+            raise
         layers_run = ev.layers_run
     record = {"levels": [p.value for p in plan.levels], "calibration": cset.describe(),
               "calibration_tokens": sum(s.length for s in samples),

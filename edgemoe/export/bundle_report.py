@@ -123,6 +123,10 @@ def _short(path: str | None) -> str:
     return path.split("/", 1)[-1].removesuffix(".onnx")
 
 
+def _mode(p: dict[str, Any]) -> str:
+    return f"auto over {' > '.join(p['levels'])}" if p["mode"] == "auto" else f"uniform {p['precision']}"
+
+
 def _overview(report: dict[str, Any]) -> Table:
     p = report["policy"]
     t = Table(title=f"bundle {report['path']}", show_header=False)
@@ -134,7 +138,7 @@ def _overview(report: dict[str, Any]) -> Table:
             ("size", f"{_mb(report['total_bytes'])} total: experts {_mb(report['expert_bytes'])}, "
                      f"trunk {_mb(report['trunk_bytes'])}, other {_mb(report['other_bytes'])}"),
             ("experts", counts),
-            ("policy", f"{p['mode']} ({p['precision']}); trunk {p['trunk']}, vision {p['vision']}, embed {p['embed']}")]
+            ("policy", f"{_mode(p)}; trunk {p['trunk']}, vision {p['vision']}, embed {p['embed']}")]
     if p["mode"] == "auto" and p["error"]:
         e, b = p["error"], p["budget"] or {}
         rows.append(("measured", f"top-1 {e['top1_agreement']:.4f} (>= {b.get('min_top1')}), mean KL "
@@ -172,8 +176,8 @@ def _trunk_table(report: dict[str, Any]) -> Table:
         t.add_column(col, justify="left" if col in ("role", "precision") else "right")
     for g in report["trunk"]:
         v = g["validation"]
-        t.add_row(_short(g["path"]), g["role"], g["precision"] or "", _mb(g["bytes"]), _rel(v, "rel_rms"), _rel(v, "rel_max"),
-                  "" if v is None else f"{v['max_abs_error']:.2g}")
+        t.add_row(_short(g["path"]), g["role"], g["precision"] or "", _mb(g["bytes"]), _rel(v, "rel_rms"),
+                  _rel(v, "rel_max"), "" if v is None else f"{v['max_abs_error']:.2g}")
     return t
 
 

@@ -15,7 +15,7 @@ peak memory is one component, not the model. Imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TypeVar
 
 import numpy as np
@@ -39,6 +39,32 @@ def weights(ckpt: Checkpoint, prefix: str, keep: Callable[[str], bool] = lambda 
     """Canonical tensors under `prefix`, with the prefix stripped (and filtered by `keep(stripped)`)."""
     return {name[len(prefix):]: ckpt.tensor(name) for name in ckpt.names
             if name.startswith(prefix) and keep(name[len(prefix):])}
+
+
+class LazyTensors(Mapping[str, np.ndarray]):
+    """`weights(...)` read on access instead of up front: a graph builder that consumes tensors one by one
+    (transpose, copy into the graph, drop) then never holds more than one source tensor at a time, which
+    for the 1.2 GB vision tower or the 0.8 GB lm_head is the difference between one copy and two."""
+
+    def __init__(self, ckpt: Checkpoint, prefix: str, keep: Callable[[str], bool] = lambda _: True,
+                 extra: Mapping[str, Callable[[], np.ndarray]] | None = None) -> None:
+        self._ckpt, self._prefix = ckpt, prefix
+        self._names = {n[len(prefix):]: n for n in ckpt.names if n.startswith(prefix) and keep(n[len(prefix):])}
+        self._extra = dict(extra or {})
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key in self._extra:
+            return self._extra[key]()
+        return self._ckpt.tensor(self._names[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._names, *self._extra])
+
+    def __len__(self) -> int:
+        return len(self._names) + len(self._extra)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._names or key in self._extra
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -106,19 +132,17 @@ def projector(ckpt: Checkpoint) -> Projector:
     return adopt(lambda: Projector.for_config(cfg), weights(ckpt, "projector."))
 
 
-def head_weights(ckpt: Checkpoint) -> dict[str, np.ndarray]:
-    """final_norm.* + lm_head.* (the embedding as lm_head.weight for tied models), as build_head takes them."""
-    w = {f"final_norm.{k}": v for k, v in weights(ckpt, "final_norm.").items()}
-    w.update({f"lm_head.{k}": v for k, v in weights(ckpt, "lm_head.").items()})
-    if "lm_head.weight" not in w:
-        w["lm_head.weight"] = ckpt.tensor("embed.weight")
-    return w
+def head_weights(ckpt: Checkpoint) -> LazyTensors:
+    """final_norm.* + lm_head.* (the embedding as lm_head.weight for tied models), as build_head takes
+    them, read on access."""
+    tied = {} if ckpt.has("lm_head.weight") else {"lm_head.weight": lambda: ckpt.tensor("embed.weight")}
+    return LazyTensors(ckpt, "", lambda n: n.startswith(("final_norm.", "lm_head.")), tied)
 
 
 def head(ckpt: Checkpoint, rows: int | None = None) -> LMHead:
     """Final norm + lm_head; `rows` keeps only the first rows of lm_head (the tokenizer's vocabulary),
     which equals masking the rest and costs a fraction of the memory when the tokenizer is small."""
-    w = head_weights(ckpt)
+    w = dict(head_weights(ckpt))
     if rows is not None:
         w["lm_head.weight"] = np.ascontiguousarray(w["lm_head.weight"][:rows])
         if "lm_head.bias" in w:

@@ -61,7 +61,8 @@ class ExpertGraphs:
 
     def _build(self, key: ExpertKey, precision: Precision) -> Path:
         w = components.expert_weights(self.ckpt, key)
-        model = build_mlp(w, self.ckpt.config.mlp_act, self.scheme(precision), name=f"expert_L{key.layer}_E{key.expert}")
+        name = f"expert_L{key.layer}_E{key.expert}"
+        model = build_mlp(w, self.ckpt.config.mlp_act, self.scheme(precision), name=name)
         del w
         path = self.workdir / f"L{key.layer}_E{key.expert}.{precision.value}.onnx"
         path.write_bytes(to_bytes(model))

@@ -34,6 +34,7 @@ from edgemoe.bundle.writer import declared
 from edgemoe.export import components, validation
 from edgemoe.export.calibration import CalibrationSample
 from edgemoe.export.expert_graphs import ExpertGraphs, cpu_session
+from edgemoe.export.memory import trim
 from edgemoe.export.options import PrecisionPlan
 from edgemoe.export.trunk_graphs import build_attention, build_dense_mlp, build_embed, build_head, build_projector
 from edgemoe.export.vision_graph import build_vision
@@ -86,6 +87,7 @@ class GraphExporter:
             for n in range(self.cfg.num_layers):
                 x = self._layer(n, x)
                 gc.collect()
+                trim()
             self._head(x)
         return self.records
 
@@ -105,8 +107,9 @@ class GraphExporter:
         else:
             entry = self.writer.add_graph(name, data, role=role, layer=layer, precision=scheme.precision.value,
                                           validation=check.validation(), inputs=inputs, outputs=outputs)
+        trim()
         self.records.append(GraphRecord(entry.path, role, entry.size, time.monotonic() - t0, check))
-        log.info("%s: %s, %.1f MB, rel rms %.2g, rel max %.2g, %.1f s, peak RSS so far %.2f GB", entry.path,
+        log.info("%s: %s, %.1f MB, rel rms %.2g, rel max %.2g, %.1f s, peak RSS so far %.2f GiB", entry.path,
                  scheme.label, entry.size / 1e6, check.rel_rms, check.rel_max, time.monotonic() - t0, _peak_rss_gb())
         self.step(name)
 
@@ -134,7 +137,7 @@ class GraphExporter:
         pixels = self.sample.pixels[None]
 
         def build() -> onnx.ModelProto:
-            return build_vision(tower, components.weights(self.ckpt, "vision."), scheme, cfg.mm_vision_select_layer,
+            return build_vision(tower, components.LazyTensors(self.ckpt, "vision."), scheme, cfg.mm_vision_select_layer,
                                 cfg.mm_vision_select_feature)
 
         ref = components.vision_tower(self.ckpt)(torch.from_numpy(pixels))[0].numpy()  # [N, Hv]
@@ -147,7 +150,7 @@ class GraphExporter:
         scheme = self.plan.trunk
         ref = components.projector(self.ckpt)(torch.from_numpy(feats)).numpy()  # [N, H]
         self._trunk("projector", "projector", scheme,
-                    lambda: build_projector(self.cfg, components.weights(self.ckpt, "projector."), scheme),
+                    lambda: build_projector(self.cfg, components.LazyTensors(self.ckpt, "projector."), scheme),
                     lambda s: validation.run(s, {"features": feats}), {"embeds": ref})
         return ref
 
@@ -172,8 +175,8 @@ class GraphExporter:
         h, m, _, _ = layer.attention_block(torch.from_numpy(x)[None], pos)  # [1, S, H] each
         scheme, cfg = self.plan.trunk, self.cfg
         self._trunk(f"layer{n}.attn", "attention", scheme,
-                    lambda: build_attention(cfg, components.weights(self.ckpt, f"layers.{n}.",
-                                                                    lambda k: k.startswith(_ATTN_PARTS)), scheme),
+                    lambda: build_attention(cfg, components.LazyTensors(self.ckpt, f"layers.{n}.",
+                                                                        lambda k: k.startswith(_ATTN_PARTS)), scheme),
                     lambda s: validation.run_attention(s, x[None], cfg.num_kv_heads, cfg.head_dim),
                     {"h": h.numpy(), "m": m.numpy()}, layer=n)
         m2 = m[0]
@@ -183,7 +186,7 @@ class GraphExporter:
                 self._expert(ExpertKey(n, e), m2, expert(m2).numpy())
         else:
             self._trunk(f"layer{n}.mlp", "dense_mlp", scheme,
-                        lambda: build_dense_mlp(cfg, components.weights(self.ckpt, f"layers.{n}.mlp."), scheme),
+                        lambda: build_dense_mlp(cfg, components.LazyTensors(self.ckpt, f"layers.{n}.mlp."), scheme),
                         lambda s: validation.run(s, {"x": m2.numpy()}), {"y": layer.mlp(m2).numpy()}, layer=n)
         return (h[0] + layer.ffn(m2)).numpy()
 

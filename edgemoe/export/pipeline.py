@@ -32,6 +32,7 @@ from edgemoe.export.calibration import CalibrationSet, calibration_set
 from edgemoe.export.expert_graphs import ExpertGraphs
 from edgemoe.export.graph_export import GraphExporter, GraphRecord, graph_count
 from edgemoe.export.hub import resolve_checkpoint
+from edgemoe.export.memory import return_freed_memory
 from edgemoe.export.options import ExportOptions, PrecisionPlan, plan_precisions
 from edgemoe.model.checkpoint import Checkpoint
 from edgemoe.model.prompt import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, template_for
@@ -68,7 +69,9 @@ class ExportResult:
     def summary(self) -> str:
         """One line: where, how big, which precisions, how long."""
         experts = ", ".join(f"{n} {p}" for p, n in sorted(self.expert_counts().items()))
-        return (f"wrote {self.path}: {self.total_bytes / 1e9:.3g} GB, {len(self.graphs)} graphs, experts {experts}, "
+        from edgemoe.inspect_report import human_bytes
+
+        return (f"wrote {self.path}: {human_bytes(self.total_bytes)}, {len(self.graphs)} graphs, experts {experts}, "
                 f"target {self.manifest.target}, in {self.seconds:.0f} s")
 
 
@@ -77,6 +80,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     """Export `checkpoint` to a bundle at `out` (module docstring)."""
     t0 = time.monotonic()
     report = progress or (lambda phase, done, total, label: None)
+    return_freed_memory()
     ckpt = Checkpoint.open(resolve_checkpoint(checkpoint))
     cfg, tower = ckpt.config, ckpt.tower
     plan = plan_precisions(options)
