@@ -28,6 +28,10 @@ from edgemoe.model.config import ModelConfig
 from edgemoe.offload.budget import ExpertBudget, MemoryBudget, format_bytes
 
 FIXED_SLACK = 16 << 20  # interpreter and allocator noise between the measurement and the run
+# Resident bytes of an ORT CPU session per byte of its expert file, measured on StableLM-sized
+# experts (offload owner, ORT 1.32): MatMulNBits keeps a prepacked copy beside the file's blocks.
+# The cache counts file bytes, so a memory budget divides what it leaves by this factor.
+SESSION_BYTES_PER_FILE_BYTE = {"int4": 1.26, "int8": 1.08, "fp16": 1.0, "fp32": 1.0}
 LOADS_IN_FLIGHT = 2  # the prefetcher's load and a demand load on the caller's thread
 
 
@@ -61,6 +65,12 @@ def expert_sizes(bundle: Bundle) -> dict:
     return {key: manifest.bytes_of(entry) for key, entry in manifest.experts().items()}
 
 
+def session_factor(bundle: Bundle) -> float:
+    """Resident session bytes per file byte for the bundle's experts (the largest of its precisions)."""
+    precisions = {entry.precision for entry in bundle.manifest.experts().values()}
+    return max(SESSION_BYTES_PER_FILE_BYTE.get(str(p), 1.0) for p in precisions)
+
+
 def activation_bytes(cfg: ModelConfig, positions: int, vision_tokens: int, vision_hidden: int) -> int:
     """A generous estimate of the largest transient of one forward pass over `positions` tokens.
 
@@ -77,6 +87,7 @@ def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: 
     """The expert cache capacity for these budgets (module docstring)."""
     sizes = expert_sizes(bundle)
     largest, total = max(sizes.values()), sum(sizes.values())
+    factor = session_factor(bundle)
     capacities: list[int] = []
     memory = None
     if expert_budget is not None:
@@ -88,6 +99,8 @@ def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: 
             memory_budget, trunk_bytes=int(baseline_rss), kv_cache_bytes=int(kv_cache_bytes),
             activation_bytes=activation_bytes(bundle.manifest.model_config(), prompt_positions, tokens,
                                               int(vision.get("hidden_size", 1024))),
-            slack_bytes=FIXED_SLACK + LOADS_IN_FLIGHT * largest)
-        capacities.append(memory.expert_budget(sizes).capacity_bytes)
+            slack_bytes=FIXED_SLACK + int(LOADS_IN_FLIGHT * largest * factor))
+        resident = {k: int(v * factor) for k, v in sizes.items()}
+        capacity = int(memory.expert_budget(resident).capacity_bytes / factor)
+        capacities.append(max(capacity, largest))
     return BudgetPlan(min(capacities) if capacities else None, total, largest, memory)
