@@ -107,14 +107,14 @@ def test_corrupt_expert_file_is_a_one_line_error(tiny, tmp_path: Path) -> None:
 
 def test_read_error_while_paging_raises_instead_of_hanging(tiny, monkeypatch) -> None:
     bundle = tiny.bundle("qwen")
-    real = Path.read_bytes
+    real = Path.stat
 
-    def failing(path: Path) -> bytes:
+    def failing(path: Path, *args, **kwargs):
         if path.parts[-3:] == ("experts", "L0", "E2.onnx"):
             raise OSError(5, "Input/output error")
-        return real(path)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", failing)
+    monkeypatch.setattr(Path, "stat", failing)  # the store stats each expert file as it pages it in
     outcome: dict[str, BaseException | object] = {}
 
     def run() -> None:
