@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from edgemoe import __version__
+from edgemoe.cli_options import BundleDir, generation_flags, generation_options
 from edgemoe.errors import EdgeMoEError
 
 app = typer.Typer(
@@ -156,45 +157,24 @@ def bench(
         raise typer.Exit(1)
 
 
-_BUDGET_HELP = {
-    "memory": "Bound the whole process's RSS (e.g. 3GB): the experts get what the trunk and KV cache leave.",
-    "expert": "Bound the expert cache alone: bytes (800MB) or a percentage of all expert bytes (25%).",
-}
-
-
-def _generation_options(max_tokens: int, memory_budget: Optional[str], expert_budget: Optional[str], policy: str,
-                        temperature: float, top_p: float, seed: int) -> Any:
-    from edgemoe.runtime import GenerationOptions
-
-    return GenerationOptions(max_tokens, memory_budget, expert_budget, policy, temperature, top_p, seed)
-
-
 def _stream_text(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
 
 
 @app.command()
-def ask(
-    bundle: Path = typer.Argument(..., help="A bundle directory (from edgemoe export)."),
-    question: str = typer.Argument(..., help="The question about the image."),
-    image: Optional[Path] = typer.Option(None, "--image", help="The image to ask about."),
-    max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens to generate."),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help=_BUDGET_HELP["memory"]),
-    expert_budget: Optional[str] = typer.Option(None, "--expert-budget", help=_BUDGET_HELP["expert"]),
-    policy: str = typer.Option("lru", "--policy", help="Expert eviction policy: lru | lfu | edgemoe."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy, the same answer every run."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed gives the same answer."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, token_ids, stats."),
-) -> None:
+@generation_flags(image="The image to ask about.", max_tokens="Most tokens to generate.",
+                  temperature="0: greedy, the same answer every run.",
+                  seed="Sampling seed: the same seed gives the same answer.",
+                  as_json="Print one JSON object: answer, token_ids, stats.")
+def ask(bundle: BundleDir, question: str = typer.Argument(..., help="The question about the image."),
+        **flags: Any) -> None:
     """Answer a question about an image, streaming the answer as it is generated."""
     from edgemoe.runtime import ChatSession
 
-    options = _generation_options(max_tokens, memory_budget, expert_budget, policy, temperature, top_p, seed)
-    with ChatSession(bundle, image, options, reserve_turns=1) as session:
-        result = session.ask(question, on_text=None if as_json else _stream_text)
-    if as_json:
+    with ChatSession(bundle, flags["image"], generation_options(flags), reserve_turns=1) as session:
+        result = session.ask(question, on_text=None if flags["as_json"] else _stream_text)
+    if flags["as_json"]:
         sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
     else:
         sys.stdout.write("\n")
@@ -202,27 +182,18 @@ def ask(
 
 
 @app.command()
-def chat(
-    bundle: Path = typer.Argument(..., help="A bundle directory (from edgemoe export)."),
-    image: Optional[Path] = typer.Option(None, "--image", help="The image the conversation is about."),
-    max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens per answer."),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help=_BUDGET_HELP["memory"]),
-    expert_budget: Optional[str] = typer.Option(None, "--expert-budget", help=_BUDGET_HELP["expert"]),
-    policy: str = typer.Option("lru", "--policy", help="Expert eviction policy: lru | lfu | edgemoe."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy, the same answers every run."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per answer (JSON lines)."),
-) -> None:
+@generation_flags(image="The image the conversation is about.", max_tokens="Most tokens per answer.",
+                  temperature="0: greedy, the same answers every run.", seed="Sampling seed.",
+                  as_json="Print one JSON object per answer (JSON lines).")
+def chat(bundle: BundleDir, **flags: Any) -> None:
     """Talk about an image: one question per line on stdin, until EOF or 'exit'."""
     from edgemoe.runtime import ChatSession
 
-    options = _generation_options(max_tokens, memory_budget, expert_budget, policy, temperature, top_p, seed)
     interactive = sys.stdin.isatty()
-    with ChatSession(bundle, image, options) as session:
+    with ChatSession(bundle, flags["image"], generation_options(flags)) as session:
         for question in _questions(interactive):
-            result = session.ask(question, on_text=None if as_json else _stream_text)
-            if as_json:
+            result = session.ask(question, on_text=None if flags["as_json"] else _stream_text)
+            if flags["as_json"]:
                 sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
             else:
                 sys.stdout.write("\n")

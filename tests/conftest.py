@@ -4,3 +4,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+import os  # noqa: E402
+import tempfile  # noqa: E402
+
+# Prepacked expert graphs (edgemoe.offload.prepacked) go to a per-run directory, never the user's
+# ~/.cache; set before any test (and any CLI subprocess, which inherits it) builds a store.
+os.environ["EDGEMOE_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgemoe-test-cache-")

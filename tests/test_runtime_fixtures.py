@@ -85,26 +85,30 @@ def copy_bundle(src: Path, dst: Path) -> Path:
     return dst
 
 
-def one_expert_bytes(bundle_path: Path) -> int:
-    manifest = Bundle.open(bundle_path).manifest
-    return max(manifest.bytes_of(e) for e in manifest.experts().values())
+def one_expert_bytes(bundle_path: Path, store: str = "auto") -> int:
+    """The largest expert as the store of kind `store` counts it (ask() uses "auto")."""
+    from edgemoe.runtime.providers import open_expert_store
+
+    experts = open_expert_store(Bundle.open(bundle_path), store)
+    return max(experts.size_of(key) for key in experts.keys())
 
 
 def run_engine(bundle_path: Path, image: Path, capacity_bytes: int | None = None, policy: str = "lru",
-               max_tokens: int = 12, ids: list[int] | None = None) -> tuple[list[int], list[np.ndarray], object]:
+               max_tokens: int = 12, ids: list[int] | None = None,
+               store: str = "auto") -> tuple[list[int], list[np.ndarray], object]:
     """Greedy tokens and every step's logits from an engine over `make_provider(capacity, policy)`,
     and the provider's stats."""
     from edgemoe.model.image import preprocess_image
     from edgemoe.runtime.engine import Engine
     from edgemoe.runtime.moe import MoELayer
-    from edgemoe.runtime.providers import make_provider
+    from edgemoe.runtime.providers import make_provider, open_expert_store
     from edgemoe.runtime.routing import Routers
     from edgemoe.runtime.trunk import Trunk
 
     bundle = Bundle.open(bundle_path)
     cfg, manifest = bundle.manifest.model_config(), bundle.manifest
     trunk = Trunk.open(bundle)
-    provider = make_provider(bundle, capacity_bytes, policy)
+    provider = make_provider(bundle, capacity_bytes, policy, open_expert_store(bundle, store))
     try:
         routers = Routers.load(bundle.path_of("routers.safetensors"), cfg.moe.layers)
         engine = Engine(trunk, MoELayer(routers, provider, cfg.moe.layers, cfg.moe.top_k),

@@ -10,25 +10,31 @@ import pytest
 
 from edgemoe.errors import EdgeMoEError
 from edgemoe.offload import POLICIES, BudgetError, ExpertLoadError
+from edgemoe.offload.mapped import PageResidency, mapped_store_supported
 from edgemoe.runtime import ask
 from test_runtime_fixtures import copy_bundle, edgemoe_cli, one_expert_bytes, run_engine, tiny  # noqa: F401
 
 TOKENS = 8
 
 
+STORES = ("sessions", "mapped") if mapped_store_supported() else ("sessions",)
+
+
 @pytest.fixture(scope="module")
 def resident(tiny):
-    return run_engine(tiny.bundle("qwen"), tiny.image, None, max_tokens=TOKENS)
+    """Every expert resident as a session of its own: the reference every store and budget must equal."""
+    return run_engine(tiny.bundle("qwen"), tiny.image, None, max_tokens=TOKENS, store="sessions")
 
 
+@pytest.mark.parametrize("store", STORES)
 @pytest.mark.parametrize("policy", POLICIES)
-def test_offloaded_equals_resident_at_every_budget(tiny, resident, policy: str) -> None:
+def test_offloaded_equals_resident_at_every_budget(tiny, resident, policy: str, store: str) -> None:
     bundle = tiny.bundle("qwen")
-    one = one_expert_bytes(bundle)
+    one = one_expert_bytes(bundle, store)
     want_tokens, want_logits, _ = resident
     for experts in (8, 5, 2, 1):  # all 8 experts of the tiny model ... exactly one
-        tokens, logits, stats = run_engine(bundle, tiny.image, experts * one, policy, max_tokens=TOKENS)
-        assert tokens == want_tokens, f"{experts} experts, {policy}"
+        tokens, logits, stats = run_engine(bundle, tiny.image, experts * one, policy, max_tokens=TOKENS, store=store)
+        assert tokens == want_tokens, f"{experts} experts, {policy}, {store}"
         for step, (got, want) in enumerate(zip(logits, want_logits)):
             assert np.array_equal(got, want), f"{experts} experts, {policy}: logits differ at step {step}"
         assert stats.cache.peak_bytes <= experts * one
@@ -98,29 +104,52 @@ def test_corrupt_expert_file_is_a_one_line_error(tiny, tmp_path: Path) -> None:
     bundle = copy_bundle(tiny.bundle("stablelm"), tmp_path / "corrupt")
     _corrupt(bundle / "experts" / "L2" / "E1.onnx")
     run = edgemoe_cli("ask", str(bundle), "What is it?", "--image", str(tiny.image), "--max-tokens", "4",
-                      "--expert-budget", str(one_expert_bytes(bundle)), timeout=60)
+                      "--expert-budget", "25%", timeout=60)
     assert run.returncode == 2, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot load expert L2/E1"), run.stderr
     assert "sha256" in lines[0]
 
 
-def test_read_error_while_paging_raises_instead_of_hanging(tiny, monkeypatch) -> None:
+def _fail_paging(monkeypatch, bundle: Path, store: str) -> None:
+    """Make reading expert L0/E2 fail with EIO the way each store reads it."""
+    if store == "sessions":
+        real = Path.stat
+
+        def failing_stat(path: Path, *args, **kwargs):
+            if path.parts[-3:] == ("experts", "L0", "E2.onnx"):
+                raise OSError(5, "Input/output error")
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "stat", failing_stat)  # the store stats each expert file as it loads it
+        return
+    from edgemoe.bundle import Bundle
+    from edgemoe.keys import ExpertKey
+    from edgemoe.offload.prepacked import PrepackedGraphs
+
+    sha = Bundle.open(bundle).manifest.expert(ExpertKey(0, 2)).sha256
+    broken = PrepackedGraphs().path(sha).with_suffix(".bin")
+    real_page_in = PageResidency.page_in
+
+    def failing_page_in(self: PageResidency) -> None:
+        if Path(self.path) == broken:
+            raise OSError(5, "Input/output error")  # what MADV_POPULATE_READ reports for a bad read
+        real_page_in(self)
+
+    monkeypatch.setattr(PageResidency, "page_in", failing_page_in)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_read_error_while_paging_raises_instead_of_hanging(tiny, monkeypatch, store: str) -> None:
     bundle = tiny.bundle("qwen")
-    real = Path.stat
-
-    def failing(path: Path, *args, **kwargs):
-        if path.parts[-3:] == ("experts", "L0", "E2.onnx"):
-            raise OSError(5, "Input/output error")
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "stat", failing)  # the store stats each expert file as it pages it in
+    budget = one_expert_bytes(bundle, store)
+    _fail_paging(monkeypatch, bundle, store)
     outcome: dict[str, BaseException | object] = {}
 
     def run() -> None:
         try:
-            outcome["result"] = ask(bundle, "What is it?", tiny.image, max_tokens=4,
-                                    expert_budget=one_expert_bytes(bundle))
+            outcome["result"] = ask(bundle, "What is it?", tiny.image, max_tokens=4, expert_budget=budget,
+                                    expert_store=store)
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             outcome["error"] = exc
 

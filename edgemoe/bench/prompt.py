@@ -13,11 +13,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 from edgemoe.bundle import Bundle
 from edgemoe.errors import EdgeMoEError
+from edgemoe.model.synthetic_images import shapes_on_gradient
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +24,9 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def synthetic_image(path: Path, size: tuple[int, int] = (480, 360), seed: int = 0) -> Path:
-    """A gradient with six shapes, written as PNG to `path`."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
-    rgb = np.stack([x, y, (1 - x) * (1 - y)], axis=-1) * rng.uniform(0.4, 1.0, size=3)
-    img = Image.fromarray((rgb * 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(6):
-        x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
-        box = (x0, y0, x0 + int(rng.integers(30, 160)), y0 + int(rng.integers(30, 160)))
-        fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+    """A gradient with six shapes (`shapes_on_gradient`), written as PNG to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    shapes_on_gradient(seed, size).save(path)
     return path
 
 

@@ -3,8 +3,8 @@
 Contract: `calibration_set(tokenizer, family, ...)` returns a `CalibrationSet`: a few text prompts and
 image prompts, each rendered with the family's template (`Conversation`) and tokenized the upstream way
 (`tokenize_with_image`, -200 where the image goes). Images are synthetic by default: deterministic
-gradients, shapes, stripes and noise drawn with numpy/PIL (no file, no network), preprocessed exactly
-as at inference (`preprocess_image`). `held_out=True` gives different built-in prompts and images of
+gradients, shapes, stripes and noise (`edgemoe.model.synthetic_images`: no file, no network),
+preprocessed exactly as at inference (`preprocess_image`). `held_out=True` gives different built-in prompts and images of
 other kinds and seeds, which tests use to check that a budget met on calibration generalises. User
 data replaces the built-ins: `images_dir` (every image file in it) and `prompts_file` (one text prompt
 per line). `embed_samples(ckpt, cset)` then runs the images through the reference vision tower and
@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from edgemoe.errors import EdgeMoEError
 from edgemoe.model.checkpoint import Checkpoint
 from edgemoe.model.image import preprocess_image
 from edgemoe.model.prompt import IMAGE_TOKEN_INDEX, Conversation, tokenize_with_image
+from edgemoe.model.synthetic_images import pattern_image as synthetic_image
 from edgemoe.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,37 +73,6 @@ class CalibrationSet:
         return {"source": self.source, "samples": len(self.samples), "image_samples": images,
                 "text_tokens": sum(len(s.ids) - (IMAGE_TOKEN_INDEX in s.ids) for s in self.samples),
                 "names": [s.name for s in self.samples]}
-
-
-# -- synthetic images -----------------------------------------------------------------------------
-
-def synthetic_image(kind: str, seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
-    """A deterministic RGB test image (not square, so the processor's padding runs as on photos)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    if kind == "gradient":
-        x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
-        c = rng.uniform(0.2, 1.0, size=3)
-        rgb = np.stack([x * c[0], y * c[1], (1 - x) * (1 - y) * c[2]], axis=-1)
-        return Image.fromarray((rgb * 255).astype(np.uint8))
-    if kind == "noise":
-        return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
-    if kind == "stripes":
-        x = np.arange(w)[None, :, None] + np.arange(h)[:, None, None] * rng.uniform(0.2, 1.5)
-        period = rng.integers(8, 24)
-        colours = rng.integers(0, 256, size=(2, 3))
-        rgb = np.where((x // period) % 2 == 0, colours[0], colours[1]).astype(np.uint8)
-        return Image.fromarray(np.broadcast_to(rgb, (h, w, 3)).copy())
-    if kind == "shapes":
-        img = Image.new("RGB", size, tuple(int(v) for v in rng.integers(180, 256, size=3)))
-        draw = ImageDraw.Draw(img)
-        for _ in range(6):
-            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
-            box = (x0, y0, x0 + int(rng.integers(20, 120)), y0 + int(rng.integers(20, 120)))
-            fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
-        return img
-    raise ValueError(f"unknown synthetic image kind {kind!r}")
 
 
 # -- building the set ---------------------------------------------------------------------------

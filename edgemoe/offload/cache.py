@@ -8,7 +8,9 @@ count, so two holders are fine) and a reservation are never evicted. An expert l
 capacity is refused with `CacheCapacityError`; so is a `put` that cannot fit because everything
 else is pinned. `get`/`acquire` count hits and misses and tell the policy of the activation; the
 policy learns the decoding position from `advance(layer)`. Thread-safe: one lock, and evicted
-runners are dropped (sessions freed, `on_evict` called) outside it.
+runners are dropped (sessions freed, `on_evict` called) outside it; a runner with a `release()` (a
+mapped expert, whose session outlives its pages) is released inside it, so the bytes it frees are
+free before anyone reserves them.
 """
 
 from __future__ import annotations
@@ -222,7 +224,11 @@ class ExpertCache:
     def _remove(self, key: ExpertKey) -> ExpertRunner:
         self._used -= self._sizes.pop(key)
         self.policy.removed(key)
-        return self._runners.pop(key)
+        runner = self._runners.pop(key)
+        release = getattr(runner, "release", None)
+        if release is not None:  # a mapped expert drops its pages now (microseconds), before the bytes are reused
+            release()
+        return runner
 
     def _dispose(self, runners: list[ExpertRunner]) -> None:
         """Drop evicted runners outside the lock (freeing a session takes time), then notify the hook."""

@@ -28,6 +28,7 @@ the store cannot hang shutdown (the thread is a daemon and discards what it fini
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -90,6 +91,9 @@ class Prefetcher:
         self._wait_seconds = self._load_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        # A daemon thread still inside ORT when the interpreter tears down aborts the process
+        # ("terminate called without an active exception"): stop it first if nobody closed us.
+        atexit.register(self.close)
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -262,7 +266,7 @@ class Prefetcher:
         except Exception as exc:
             if reserved:
                 self.cache.cancel(key)
-            log.warning("prefetch of %s failed: %s", key, exc)
+            log.debug("prefetch of %s failed: %s", key, exc)  # raised to whoever waits for it
             with self._cond:
                 self._failed[key] = exc  # the next wait() for this key raises it
                 self._finish(job, "failed", exc, counter="failed")
@@ -309,6 +313,7 @@ class Prefetcher:
 
     def close(self, timeout: float = 5.0) -> bool:
         """Stop the thread; whether it ended within `timeout` (it cannot be killed mid-load)."""
+        atexit.unregister(self.close)
         with self._cond:
             self._closed = True
             while self._queue:

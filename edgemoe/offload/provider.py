@@ -115,6 +115,7 @@ class ResidentProvider:
 
     def close(self) -> None:
         self._runners.clear()
+        _close_store(self.store)
 
 
 class OffloadingProvider:
@@ -246,21 +247,31 @@ class OffloadingProvider:
     def close(self) -> None:
         self.prefetcher.close()
         self._drop_guard()
+        _close_store(self.store)
         cache = self.cache.stats()
         log.debug("offloading provider closed: %d hits, %d misses, %d evictions, peak %d of %d bytes",
                   cache.hits, cache.misses, cache.evictions, cache.peak_bytes, cache.capacity_bytes)
 
     @classmethod
     def from_bundle(cls, bundle: "Bundle", capacity_bytes: int, policy: str = "edgemoe", *,
-                    predictor: "ExpertPredictor | None" = None, threads: int | None = None) -> "OffloadingProvider":
-        """The usual assembly: process hygiene, an ONNX store, a cache trimming the heap after evictions."""
+                    predictor: "ExpertPredictor | None" = None, threads: int | None = None,
+                    store: "ExpertStore | None" = None) -> "OffloadingProvider":
+        """The usual assembly: process hygiene, a store (ONNX sessions unless one is given), a cache
+        trimming the heap after evictions."""
         from edgemoe.offload.cache import ExpertCache
         from edgemoe.offload.prefetcher import Prefetcher
         from edgemoe.offload.sessions import HeapTrimmer, configure_process, session_factory
         from edgemoe.offload.store import OnnxExpertStore
 
         configure_process()
-        store = OnnxExpertStore(bundle, session_factory(threads))
+        store = store if store is not None else OnnxExpertStore(bundle, session_factory(threads))
         layers = sorted({k.layer for k in store.keys()})
         cache = ExpertCache(capacity_bytes, policy, moe_layers=layers, on_evict=HeapTrimmer())
         return cls(store, cache, Prefetcher(store, cache), predictor, moe_layers=layers)
+
+
+def _close_store(store: object) -> None:
+    """Release what a store keeps beyond its runners (a mapped store's sessions)."""
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()

@@ -31,13 +31,15 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.model.image import ImageSource, preprocess_image
 from edgemoe.model.prompt import Conversation, cut_at_stop, tokenize_with_image
 from edgemoe.model.tokenizer import Tokenizer, load_tokenizer
+from edgemoe.offload.budget import parse_size
 from edgemoe.offload.policies import POLICIES
 from edgemoe.offload.predictor import PredictionSummary
 from edgemoe.runtime.budget import BudgetPlan, plan_budget
 from edgemoe.runtime.detokenize import TextStream
 from edgemoe.runtime.engine import Engine, splice_positions
 from edgemoe.runtime.moe import MoELayer
-from edgemoe.runtime.providers import ProviderCounters, make_provider, provider_counters
+from edgemoe.runtime.providers import (EXPERT_STORES, ProviderCounters, make_provider, open_expert_store,
+                                       provider_counters, resident_sizes)
 from edgemoe.runtime.routing import Routers
 from edgemoe.runtime.sampling import Sampler
 from edgemoe.runtime.sessions import configure_process
@@ -63,10 +65,13 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int = 0
     prefetch: bool = True  # hint the next MoE layer's predicted experts
+    expert_store: str = "auto"  # mapped | sessions | auto (runtime.providers.open_expert_store)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise EdgeMoEError(f"max tokens must be at least 1, got {self.max_tokens}")
+        if self.expert_store not in EXPERT_STORES:
+            raise EdgeMoEError(f"unknown expert store {self.expert_store!r}: expected one of {', '.join(EXPERT_STORES)}")
         if self.policy not in POLICIES:
             raise EdgeMoEError(f"unknown eviction policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
         self.sampler()  # validates the sampling settings now
@@ -100,7 +105,9 @@ class ChatSession:
         eos = manifest.tokenizer.get("eos_token_id", self.tokenizer.eos_token_id)
         self.stop_ids = () if eos is None else (int(eos),)
         self.conversation = Conversation.for_family(family)
-        plan_budget(self.bundle, None, options.expert_budget)  # a bad --expert-budget fails before any load
+        for spec in (options.expert_budget, options.memory_budget):  # a malformed budget fails before any load
+            if spec is not None:
+                parse_size(spec, 1 << 40)  # a percentage of any total: syntax only
         self.trunk = Trunk.open(self.bundle)
         self.routers = Routers.load(self.bundle.path_of("routers.safetensors"), self.config.moe.layers)
         self.sampler = options.sampler()
@@ -131,10 +138,13 @@ class ChatSession:
                        prefetch=opts.prefetch)
         engine = Engine(self.trunk, moe, self.logit_limit, capacity)
         engine.warm_up()
+        store = open_expert_store(self.bundle, opts.expert_store)  # before the baseline: it holds sessions
+        sizes = resident_sizes(store)
         self.budget = plan_budget(self.bundle, opts.memory_budget, opts.expert_budget,
                                   baseline_rss=psutil.Process().memory_info().rss,
-                                  kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions)
-        self.provider = moe.provider = make_provider(self.bundle, self.budget.expert_bytes, opts.policy)
+                                  kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
+                                  sizes=sizes, fixed_bytes=getattr(store, "session_overhead_bytes", 0))
+        self.provider = moe.provider = make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store)
         self.engine = engine
         self._load_s += time.monotonic() - t0
         log.info("ready in %.2f s: %s", self._load_s, self.budget.describe())
@@ -240,9 +250,10 @@ def ask(bundle_path: str | Path, question: str, image: ImageSource | None = None
         max_tokens: int = DEFAULT_MAX_TOKENS, memory_budget: str | int | None = None,
         expert_budget: str | int | None = None, policy: str = "lru", temperature: float = 0.0,
         top_p: float = 1.0, seed: int = 0, on_text: TextCallback | None = None,
-        prefetch: bool = True) -> GenerationResult:
+        prefetch: bool = True, expert_store: str = "auto") -> GenerationResult:
     """Answer one question about one image with the bundle at `bundle_path` (greedy by default)."""
-    options = GenerationOptions(max_tokens, memory_budget, expert_budget, policy, temperature, top_p, seed, prefetch)
+    options = GenerationOptions(max_tokens, memory_budget, expert_budget, policy, temperature, top_p, seed, prefetch,
+                                expert_store)
     with ChatSession(bundle_path, image, options, reserve_turns=1) as session:
         return session.ask(question, on_text)
 

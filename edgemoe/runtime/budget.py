@@ -16,7 +16,11 @@ Contract: `plan_budget(bundle, memory_budget, expert_budget, ...)` returns a `Bu
   both                       the smaller capacity.
 
 Either way the capacity must hold one expert (the largest): below that the refusal is a one-line
-`BudgetError` naming the minimum. Capacities are in the bundle's file bytes, as the store counts them.
+`BudgetError` naming the minimum. Capacities are in the units the expert store counts: the bundle's
+file bytes for session stores (converted from RSS by `SESSION_BYTES_PER_FILE_BYTE`), or, when the
+caller passes the store's `sizes`, the resident bytes each expert adds (a mapped store measures them
+exactly: its mapped weights), with no conversion; `fixed_bytes` is what such a store holds whatever
+the cache does (its sessions), set aside from a memory budget.
 """
 
 from __future__ import annotations
@@ -84,11 +88,12 @@ def activation_bytes(cfg: ModelConfig, positions: int, vision_tokens: int, visio
 
 
 def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: str | int | None, *,
-                baseline_rss: int = 0, kv_cache_bytes: int = 0, prompt_positions: int = 0) -> BudgetPlan:
+                baseline_rss: int = 0, kv_cache_bytes: int = 0, prompt_positions: int = 0,
+                sizes: dict | None = None, fixed_bytes: int = 0) -> BudgetPlan:
     """The expert cache capacity for these budgets (module docstring)."""
-    sizes = expert_sizes(bundle)
+    factor = 1.0 if sizes is not None else session_factor(bundle)
+    sizes = sizes if sizes is not None else expert_sizes(bundle)
     largest, total = max(sizes.values()), sum(sizes.values())
-    factor = session_factor(bundle)
     capacities: list[int] = []
     memory = None
     if expert_budget is not None:
@@ -100,7 +105,7 @@ def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: 
             memory_budget, trunk_bytes=int(baseline_rss), kv_cache_bytes=int(kv_cache_bytes),
             activation_bytes=activation_bytes(bundle.manifest.model_config(), prompt_positions, tokens,
                                               int(vision.get("hidden_size", 1024))),
-            slack_bytes=FIXED_SLACK + int(LOADS_IN_FLIGHT * largest * factor))
+            slack_bytes=FIXED_SLACK + int(fixed_bytes) + int(LOADS_IN_FLIGHT * largest * factor))
         resident = {k: int(v * factor) for k, v in sizes.items()}
         capacity = int(memory.expert_budget(resident).capacity_bytes / factor)
         capacities.append(max(capacity, largest))

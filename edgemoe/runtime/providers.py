@@ -1,6 +1,9 @@
 """Which expert provider a request gets, and the provider counters a generation reports.
 
-Contract: `make_provider(bundle, capacity, policy)` returns `edgemoe.offload.ResidentProvider` (every
+Contract: `open_expert_store(bundle, kind)` picks where experts come from: "mapped" (prepacked
+sessions whose weight pages are paged, `edgemoe.offload.mapped`), "sessions" (a session built per
+load, `OnnxExpertStore`), or "auto": mapped where this machine supports it and its cache directory is
+writable, sessions otherwise (logged). `make_provider(bundle, capacity, policy, store)` returns `edgemoe.offload.ResidentProvider` (every
 expert loaded once) when no budget applies (capacity None), else an `OffloadingProvider` over the
 bundle's experts with a cache of `capacity` bytes and the named eviction policy. The runtime's MoE
 layer gives the hints itself (`moe.MoELayer`), so the provider gets no predictor of its own.
@@ -10,24 +13,55 @@ subtracting two snapshots gives one generation's share.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from edgemoe.bundle import Bundle
 from edgemoe.offload import POLICIES, OffloadingProvider, OnnxExpertStore, ResidentProvider
 from edgemoe.offload.errors import OffloadError
+from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
 from edgemoe.offload.sessions import configure_process, session_factory
 
+log = logging.getLogger(__name__)
 
-def make_provider(bundle: Bundle, capacity_bytes: int | None, policy: str = "lru") -> Any:
+EXPERT_STORES = ("auto", "mapped", "sessions")
+
+
+def open_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[int, int], None] | None = None) -> Any:
+    """The bundle's expert store of `kind` (module docstring)."""
+    if kind not in EXPERT_STORES:
+        raise OffloadError(f"unknown expert store {kind!r}: expected one of {', '.join(EXPERT_STORES)}")
+    configure_process()
+    if kind == "sessions" or (kind == "auto" and not mapped_store_supported()):
+        return OnnxExpertStore(bundle, session_factory())
+    try:
+        return MappedExpertStore(bundle, progress=progress)
+    except OffloadError as exc:
+        if kind == "mapped" or "cannot prepare" not in str(exc):
+            raise
+        log.warning("%s; experts will be loaded as sessions instead", exc)
+        return OnnxExpertStore(bundle, session_factory())
+
+
+def resident_sizes(store: Any) -> dict | None:
+    """The RSS each expert adds when resident, where the store knows it exactly (a mapped store);
+    None where the budget must convert file bytes (a session store)."""
+    if isinstance(store, MappedExpertStore):
+        return {key: store.size_of(key) for key in store.keys()}
+    return None
+
+
+def make_provider(bundle: Bundle, capacity_bytes: int | None, policy: str = "lru", store: Any = None) -> Any:
     """A resident provider (capacity None) or an offloading one (module docstring)."""
     if policy not in POLICIES:
         raise OffloadError(f"unknown eviction policy {policy!r}: expected one of {', '.join(POLICIES)}")
     configure_process()
+    store = store if store is not None else OnnxExpertStore(bundle, session_factory())
     if capacity_bytes is None:
-        store = OnnxExpertStore(bundle, session_factory())
         return ResidentProvider(store, store.keys())
-    return OffloadingProvider.from_bundle(bundle, capacity_bytes, policy)
+    return OffloadingProvider.from_bundle(bundle, capacity_bytes, policy, store=store)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""The options `edgemoe ask` and `edgemoe chat` share, each declared once, and what they become.
+
+Contract: `@generation_flags(**helps)` appends the generation options (`GENERATION_FLAGS`: image, sampling,
+budgets, policy, --json) to a command's signature after its own arguments, each as
+`typer.Option(default, flag, help=...)`. typer reads that signature, so the command receives them as
+`**flags`. Most options have one help text, given here; the few that each command words its own way
+(one answer vs a conversation) have help None here and take theirs from `helps`, keyed by parameter
+name: a missing or unknown key is a TypeError at import. `generation_options(flags)` turns the parsed
+values into the runtime's `GenerationOptions`. `BundleDir` is the bundle argument both commands take.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Optional, TypeVar
+
+import typer
+
+if TYPE_CHECKING:
+    from edgemoe.runtime import GenerationOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+BundleDir = Annotated[Path, typer.Argument(help="A bundle directory (from edgemoe export).")]
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One option: its Python type, default and flag; help None when each command gives its own."""
+
+    annotation: Any
+    default: Any
+    decl: str
+    help: Optional[str] = None
+
+
+GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
+    "image": Flag(Optional[Path], None, "--image"),
+    "max_tokens": Flag(int, 128, "--max-tokens"),
+    "memory_budget": Flag(Optional[str], None, "--memory-budget", "Bound the whole process's RSS (e.g. 3GB): "
+                                                                  "the experts get what the trunk and KV cache leave."),
+    "expert_budget": Flag(Optional[str], None, "--expert-budget", "Bound the expert cache alone: bytes (800MB) "
+                                                                  "or a percentage of all expert bytes (25%)."),
+    "policy": Flag(str, "lru", "--policy", "Expert eviction policy: lru | lfu | edgemoe."),
+    "temperature": Flag(float, 0.0, "--temperature"),
+    "top_p": Flag(float, 1.0, "--top-p", "Nucleus sampling mass (with --temperature > 0)."),
+    "seed": Flag(int, 0, "--seed"),
+    "as_json": Flag(bool, False, "--json"),
+}
+# The flags that are GenerationOptions fields, in its field order.
+GENERATION_FIELDS = ("max_tokens", "memory_budget", "expert_budget", "policy", "temperature", "top_p", "seed")
+
+
+def generation_flags(**helps: str) -> Callable[[F], F]:
+    """Give a command the generation options after its own parameters (module docstring)."""
+    worded = {name for name, flag in GENERATION_FLAGS.items() if flag.help is None}
+    if set(helps) != worded:
+        raise TypeError(f"generation_flags needs help for exactly {sorted(worded)}, got {sorted(helps)}")
+
+    def add(command: F) -> F:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=flag.annotation,
+                                   default=typer.Option(flag.default, flag.decl, help=helps.get(name, flag.help)))
+                 for name, flag in GENERATION_FLAGS.items()]
+        command.__signature__ = signature.replace(parameters=own + flags)  # type: ignore[attr-defined]
+        return command
+
+    return add
+
+
+def generation_options(flags: Mapping[str, Any]) -> GenerationOptions:
+    """The runtime's options from a command's parsed flags."""
+    from edgemoe.runtime import GenerationOptions
+
+    return GenerationOptions(**{name: flags[name] for name in GENERATION_FIELDS})

@@ -1,0 +1,282 @@
+"""Mapped experts: page an expert's weights in and out, not its session.
+
+Contract: `MappedExpertStore` is an `ExpertStore` (see store.py) whose experts are ORT sessions on
+prepacked graphs (`edgemoe.offload.prepacked`): ORT maps their packed weights from a file instead of
+building a private copy. Each expert's session is created once, on its first load, and lives until
+`close()`; what the cache holds and evicts is the expert's *pages*. `load(key)` pages the weights in
+(`madvise(MADV_POPULATE_READ)`: from the OS page cache at memory speed, from disk when cold) and
+returns the expert; `MappedExpert.release()`, which the cache calls on eviction, drops them from the
+process (`madvise(MADV_DONTNEED)`: the pages are clean, so nothing is written back). Eviction is
+microseconds and a page-cache miss costs a copy-free mapping instead of a session build (tens of
+milliseconds). `size_of(key)` is the expert's mapped bytes: what paging it in adds to the process's
+RSS and evicting it gives back, known before any load, so budgets are exact. Sessions are never
+freed, so their small private memory is not the cache's: `session_overhead_bytes` (every expert's
+session at once) is a fixed cost a memory budget sets aside.
+
+Correctness never depends on residency: a session whose pages were dropped still runs (the kernel
+faults them back), so outputs equal the session store's bit for bit whatever the cache does.
+
+Linux only (madvise via ctypes and /proc/self/maps); `mapped_store_supported()` says whether this
+process can use it, and the runtime falls back to `OnnxExpertStore` where it cannot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgemoe.errors import EdgeMoEError
+from edgemoe.keys import ExpertKey
+from edgemoe.offload.errors import ExpertLoadError, one_line
+from edgemoe.offload.prepacked import SESSION_OVERHEAD, PrepackedGraphs, data_file, mapped_bytes
+from edgemoe.offload.store import OnnxExpert, StoreStats
+
+if TYPE_CHECKING:
+    from edgemoe.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+MADV_WILLNEED, MADV_DONTNEED, MADV_POPULATE_READ = 3, 4, 22  # Linux asm-generic/mman-common.h
+POSIX_FADV_DONTNEED = 4
+
+_libc: Any = None
+
+
+def _madvise_fn() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = False
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                lib.madvise.restype = ctypes.c_int
+                _libc = lib
+            except (OSError, AttributeError):
+                pass
+    return _libc or None
+
+
+def mapped_store_supported() -> bool:
+    """Whether this process can page mapped experts (Linux: madvise and /proc/self/maps)."""
+    return _madvise_fn() is not None and os.path.exists("/proc/self/maps")
+
+
+def find_mappings(path: Path) -> tuple[tuple[int, int], ...]:
+    """(address, length) of every range this process maps from `path`."""
+    target = os.path.realpath(path)
+    ranges = []
+    with open("/proc/self/maps", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].rstrip("\n") == target:
+                start, end = (int(v, 16) for v in parts[0].split("-"))
+                ranges.append((start, end - start))
+    return tuple(ranges)
+
+
+def resident_bytes(ranges: tuple[tuple[int, int], ...]) -> int:
+    """Bytes of `ranges` now resident in this process (Rss in /proc/self/smaps)."""
+    starts = {start for start, _ in ranges}
+    total, current = 0, False
+    with open("/proc/self/smaps", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                current = int(head.split("-")[0], 16) in starts
+            elif current and head == "Rss:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@dataclass
+class PageResidency:
+    """The ranges one session maps from its data file, paged in and out with madvise."""
+
+    path: Path
+    ranges: tuple[tuple[int, int], ...] = field(default=())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.ranges)
+
+    def page_in(self) -> None:
+        """Fault every mapped page in; OSError when the file cannot be read (where touching the
+        pages would raise SIGBUS instead, MADV_POPULATE_READ returns an error)."""
+        libc = _madvise_fn()
+        for start, length in self.ranges:
+            if libc.madvise(start, length, MADV_POPULATE_READ) == 0:
+                continue
+            err = ctypes.get_errno()
+            if err != errno.EINVAL:  # EFAULT / EIO / ENOMEM: the data cannot be read
+                raise OSError(err, f"cannot page in {self.path.name}: {os.strerror(err)}")
+            libc.madvise(start, length, MADV_WILLNEED)  # kernels before 5.14 lack the advice: touch
+            _touch(start, length)
+
+    def page_out(self, drop_file_pages: bool = False) -> None:
+        libc = _madvise_fn()
+        for start, length in self.ranges:
+            libc.madvise(start, length, MADV_DONTNEED)
+        if drop_file_pages and hasattr(os, "posix_fadvise"):  # next load comes from disk, not RAM
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    def resident(self) -> int:
+        return resident_bytes(self.ranges)
+
+
+def _touch(start: int, length: int) -> None:
+    """Fault every page of a mapped range in by reading one byte of each."""
+    view = np.ctypeslib.as_array((ctypes.c_uint8 * length).from_address(start))
+    int(view[:: os.sysconf("SC_PAGE_SIZE")].sum())
+
+
+class MappedExpert(OnnxExpert):
+    """An expert whose session lives on; `release()` drops its weight pages (module docstring)."""
+
+    def __init__(self, key: ExpertKey, session: Any, nbytes: int, residency: PageResidency,
+                 drop_file_pages: bool = False) -> None:
+        super().__init__(key, session, nbytes)
+        self.residency, self.drop_file_pages = residency, drop_file_pages
+
+    def page_in(self) -> None:
+        self.residency.page_in()
+
+    def release(self) -> None:
+        self.residency.page_out(self.drop_file_pages)
+
+    def __repr__(self) -> str:
+        return f"MappedExpert({self.key}, {self.nbytes} bytes)"
+
+
+class MappedExpertStore:
+    """Experts of an opened `Bundle` as mapped prepacked sessions (module docstring)."""
+
+    def __init__(self, bundle: "Bundle", graphs: PrepackedGraphs | None = None, *,
+                 session_factory: Callable[[str], Any] | None = None,
+                 options: Callable[[], Any] | None = None, verify: bool = True, drop_file_pages: bool = False,
+                 progress: Callable[[int, int], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        from edgemoe.offload.sessions import session_factory as default_factory, session_options
+
+        if not mapped_store_supported():
+            raise EdgeMoEError("mapped experts need Linux (madvise and /proc/self/maps)")
+        self.bundle, self.graphs = bundle, graphs or PrepackedGraphs()
+        self.verify, self.drop_file_pages, self._clock = verify, drop_file_pages, clock
+        self._options = options or session_options
+        self._make_session = session_factory or default_factory()
+        self._lock = threading.Lock()
+        self._key_locks: dict[ExpertKey, threading.Lock] = {k: threading.Lock() for k in self.keys()}
+        self._experts: dict[ExpertKey, MappedExpert] = {}
+        self._loads = self._failures = self._bytes = 0
+        self._seconds = 0.0
+        self._paths, self._sizes = self._prepare(progress)
+
+    def keys(self) -> tuple[ExpertKey, ...]:
+        return tuple(self.bundle.manifest.experts())
+
+    def _prepare(self, progress: Callable[[int, int], None] | None) -> tuple[dict, dict]:
+        """Prepacked graph of every expert (written once per machine) and its resident bytes."""
+        manifest, keys = self.bundle.manifest, self.keys()
+        paths, sizes = {}, {}
+        for i, key in enumerate(keys):
+            entry = manifest.expert(key)
+            try:
+                if self.verify and not self.graphs.exists(entry.sha256):
+                    self.bundle.verify_file(entry)  # never pack a tampered file
+                path = self.graphs.ensure(entry.sha256, self.bundle.path_of(entry), self._options)
+                sizes[key] = mapped_bytes(path)
+            except EdgeMoEError as exc:
+                raise ExpertLoadError(key, str(exc)) from exc
+            except Exception as exc:  # OSError writing the cache, ORT refusing the graph
+                raise ExpertLoadError(key, f"cannot prepare {entry.path} for this machine: {one_line(exc)}") from exc
+            paths[key] = path
+            if progress is not None:
+                progress(i + 1, len(keys))
+        return paths, sizes
+
+    @property
+    def session_overhead_bytes(self) -> int:
+        """Private memory of every expert's session, once all exist (they are never freed)."""
+        return SESSION_OVERHEAD * len(self._sizes)
+
+    def size_of(self, key: ExpertKey) -> int:
+        try:
+            return self._sizes[key]
+        except KeyError:
+            raise ExpertLoadError(key, "no such expert in the bundle") from None
+
+    def load(self, key: ExpertKey) -> MappedExpert:
+        lock = self._key_locks.get(key)
+        if lock is None:
+            raise ExpertLoadError(key, "no such expert in the bundle")
+        start = self._clock()
+        try:
+            with lock:
+                expert = self._experts.get(key) or self._open(key)
+                try:
+                    expert.page_in()
+                except OSError as exc:
+                    raise ExpertLoadError(key, f"cannot read {expert.residency.path}: {exc.strerror or exc}") from exc
+        except Exception:
+            with self._lock:
+                self._failures += 1
+            raise
+        elapsed = self._clock() - start
+        with self._lock:
+            self._loads += 1
+            self._bytes += expert.residency.nbytes
+            self._seconds += elapsed
+        return expert
+
+    def _open(self, key: ExpertKey) -> MappedExpert:
+        """The expert's session, created on its first load and kept (module docstring)."""
+        path = self._paths[key]
+        if self.verify:
+            try:
+                self.bundle.verify_file(self.bundle.manifest.expert(key))  # a stat after the first time
+            except EdgeMoEError as exc:
+                raise ExpertLoadError(key, str(exc)) from exc
+        try:
+            session = self._make_session(str(path))
+        except Exception as exc:
+            raise ExpertLoadError(key, f"ONNX Runtime cannot open {path.name}: {one_line(exc)}") from exc
+        residency = PageResidency(data_file(path), find_mappings(data_file(path)))
+        if residency.nbytes > self._sizes[key]:
+            log.warning("expert %s maps %d bytes, more than the %d its budget counts", key, residency.nbytes,
+                        self._sizes[key])
+        expert = MappedExpert(key, session, self._sizes[key], residency, self.drop_file_pages)
+        with self._lock:
+            self._experts[key] = expert
+        return expert
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(self._loads, self._failures, self._bytes, self._seconds)
+
+    def close(self) -> None:
+        """Drop every session (and its mappings)."""
+        with self._lock:
+            self._experts.clear()
+
+    @property
+    def sessions(self) -> int:
+        """Sessions created so far (each lives until `close`)."""
+        with self._lock:
+            return len(self._experts)
+
