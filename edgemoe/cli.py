@@ -122,6 +122,8 @@ def bench(
                                        "(default 100%,75%,50%,25% unless --memory-budgets is given)."),
     memory_budgets: Optional[str] = typer.Option(None, "--memory-budgets", help="Comma-separated sizes, e.g. 2GB,3GB."),
     policies: str = typer.Option("lru", "--policies", help="Comma-separated: lru, lfu, edgemoe."),
+    expert_stores: str = typer.Option("auto", "--expert-stores", help="Comma-separated: mapped, sessions, auto "
+                                      "(several: side by side, see `edgemoe ask --expert-store`)."),
     image: Optional[Path] = typer.Option(None, "--image", help="The image to ask about (default: a synthetic one)."),
     question: Optional[str] = typer.Option(None, "--question", help="The question (default: describe the image)."),
     tokens: int = typer.Option(32, "--tokens", help="Tokens to generate per run."),
@@ -138,7 +140,7 @@ def bench(
     from edgemoe.bench import BenchOptions, plot_report, render_report, run_bench
     from edgemoe.bench.prompt import DEFAULT_QUESTION
 
-    options = BenchOptions.parse(expert_budgets, memory_budgets, policies, tokens=tokens, image=image,
+    options = BenchOptions.parse(expert_budgets, memory_budgets, policies, expert_stores, tokens=tokens, image=image,
                                  question=question or DEFAULT_QUESTION, peers=peers, checkpoint=checkpoint,
                                  cold=not warm, offload_dir=offload_dir, timeout_s=timeout)
     with _phase_progress() as progress:

@@ -44,13 +44,17 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
     "expert_budget": Flag(Optional[str], None, "--expert-budget", "Bound the expert cache alone: bytes (800MB) "
                                                                   "or a percentage of all expert bytes (25%)."),
     "policy": Flag(str, "lru", "--policy", "Expert eviction policy: lru | lfu | edgemoe."),
+    "expert_store": Flag(str, "auto", "--expert-store", "How experts are paged: mapped (sessions built once, "
+                                                        "weight pages paged in and out; Linux) | sessions (a "
+                                                        "session built per load) | auto (mapped where possible)."),
     "temperature": Flag(float, 0.0, "--temperature"),
     "top_p": Flag(float, 1.0, "--top-p", "Nucleus sampling mass (with --temperature > 0)."),
     "seed": Flag(int, 0, "--seed"),
     "as_json": Flag(bool, False, "--json"),
 }
 # The flags that are GenerationOptions fields, in its field order.
-GENERATION_FIELDS = ("max_tokens", "memory_budget", "expert_budget", "policy", "temperature", "top_p", "seed")
+GENERATION_FIELDS = ("max_tokens", "memory_budget", "expert_budget", "policy", "temperature", "top_p", "seed",
+                     "expert_store")
 
 
 def generation_flags(**helps: str) -> Callable[[F], F]:

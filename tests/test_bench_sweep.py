@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from edgemoe.bench.errors import BenchError
 import typer
 
 from edgemoe.bench.limits import token_bytes
@@ -67,7 +69,7 @@ def test_sweep_with_a_stand_in_runtime(tmp_path: Path, fake_python: Path) -> Non
     report = run_bench(bundle, options, lambda phase, done, total, label: steps.append((done, total, label)))
     assert [r.label for r in report.runs] == ["edgemoe lru 100%", "edgemoe lfu 100%", "edgemoe lru 25%",
                                               "edgemoe lfu 25%"]
-    assert [s[:2] for s in steps] == [(i, 5) for i in range(1, 6)] and steps[0][2] == "bandwidth probes"
+    assert [s[:2] for s in steps] == [(i, 6) for i in range(1, 7)] and steps[0][2] == "bandwidth probes"
     ok, failed = report.runs[2], report.runs[3]
     assert failed.error == "error: memory budget too small for the working set" and failed.bound is None
     assert ok.ok and ok.token_ids == tuple(range(5)) and ok.answer == "a fake answer"
@@ -79,7 +81,7 @@ def test_sweep_with_a_stand_in_runtime(tmp_path: Path, fake_python: Path) -> Non
     # The run's own limit: trunk + embedding row + top-2 experts + KV at its mean context (prompt 60 + 5 // 2).
     assert ok.bound.resident_bytes == token_bytes(synthetic_manifest(), 62).resident_bytes
     assert ok.bound.paged_bytes_per_token == pytest.approx(75_000 / 5)
-    assert 0 < ok.fraction_of_bound and ok.bound.link == "disk" and report.cold
+    assert 0 < ok.fraction_of_bound and ok.bound.link == "page cache" and report.cold  # decode re-reads RAM
     assert report.image == "synthetic" and report.expert_precisions == (("?", 8),)
     assert BenchReport.from_json(report.to_json()) == report
 
@@ -95,6 +97,20 @@ def test_ask_command_passes_budgets_as_given(tmp_path: Path) -> None:
     assert cmd[1:5] == ["-m", "edgemoe.cli", "ask", str(bundle.root)]
     assert cmd[cmd.index("--expert-budget") + 1] == "50%" and cmd[cmd.index("--memory-budget") + 1] == "2GB"
     assert cmd[cmd.index("--policy") + 1] == "edgemoe" and "--json" in cmd and cmd[cmd.index("--max-tokens") + 1] == "8"
+    assert cmd[cmd.index("--expert-store") + 1] == "auto"
+    assert ask_command(ctx, None, None, None, "sessions")[-1] == "sessions"
+
+
+def test_expert_stores_run_side_by_side(tmp_path: Path, fake_python: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle", synthetic_manifest())
+    options = BenchOptions.parse("100%", None, "lru", "mapped,sessions", tokens=5, python=str(fake_python),
+                                 memory_probe_bytes=4 * MB, disk_probe_bytes=MB)
+    report = run_bench(bundle, options)
+    assert [r.label for r in report.runs] == ["edgemoe lru [mapped] 100%", "edgemoe lru [sessions] 100%"]
+    assert [r.command[r.command.index("--expert-store") + 1] for r in report.runs] == ["mapped", "sessions"]
+    assert BenchReport.from_json(report.to_json()) == report
+    with pytest.raises(BenchError, match="--expert-stores"):
+        BenchOptions.parse("100%", None, "lru", "mapped,disk")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -97,6 +97,7 @@ class BenchRun:
     wall_s: float = 0.0
     bound: DecodeBound | None = None
     error: str | None = None  # one line when the child failed
+    expert_store: str | None = None  # an edgemoe run's --expert-store (None: the runtime's default)
 
     @property
     def ok(self) -> bool:
@@ -115,7 +116,8 @@ class BenchRun:
     @property
     def label(self) -> str:
         if self.engine == EDGEMOE:
-            return f"edgemoe {self.policy or ''} {self.budget_label}".replace("  ", " ")
+            store = f"[{self.expert_store}]" if self.expert_store else ""
+            return f"edgemoe {self.policy or ''} {store} {self.budget_label}".replace("  ", " ")
         if self.engine.startswith("accelerate"):
             return f"{self.engine} {self.budget_label}"
         return self.engine

@@ -5,8 +5,10 @@ nothing else of ours runs), then for every (budget, policy) starts `python -m ed
 Q --image IMG --max-tokens N [--expert-budget B] [--memory-budget M] [--policy P] --json` through
 `child.run_child` (peak RSS from outside: wait4's ru_maxrss and 20 ms psutil polling), reads the
 child's JSON stats, and sets each run against its physical limit (`limits.decode_bound`, with the
-paged bytes per token the run itself reported). With `cold` (the default) the bundle's pages are
-evicted before each run, so every run reads the bundle as a first run does. With `options.peers`
+paged bytes per token the run itself reported, over the page cache: the prefill has read every
+expert). With `cold` (the default) the bundle's pages (and this machine's prepacked expert graphs,
+prepared once before the first run) are evicted before each run, so every run reads the bundle as a
+first run does. Several `expert_stores` run side by side at every budget. With `options.peers`
 the peers run afterwards (`peers.run_peers`). A run that fails is recorded with its error and the
 sweep goes on. Progress: `progress(phase, done, total, label)`, one step per probe, run and peer.
 The library never prints.
@@ -31,6 +33,8 @@ from edgemoe.bench.prompt import DEFAULT_QUESTION, estimate_prompt_tokens, synth
 from edgemoe.bench.results import EDGEMOE, BenchReport, BenchRun, RunStats
 from edgemoe.bundle import Bundle
 from edgemoe.bundle.entries import MANIFEST_NAME
+from edgemoe.errors import EdgeMoEError
+from edgemoe.runtime.providers import EXPERT_STORES
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class BenchOptions:
     expert_budgets: tuple[Budget, ...] = parse_budgets(DEFAULT_EXPERT_BUDGETS)
     memory_budgets: tuple[Budget, ...] = ()
     policies: tuple[str, ...] = ("lru",)
+    expert_stores: tuple[str, ...] = ("auto",)  # runtime.providers.EXPERT_STORES; several: side by side
     tokens: int = 32
     question: str = DEFAULT_QUESTION
     image: Path | None = None  # None: a synthetic image
@@ -74,6 +79,10 @@ class BenchOptions:
                              f"got {self.tokens}")
         if not self.policies:
             raise BenchError("--policies is empty")
+        bad = [s for s in self.expert_stores if s not in EXPERT_STORES]
+        if bad or not self.expert_stores:
+            raise BenchError(f"--expert-stores: expected some of {', '.join(EXPERT_STORES)}, got "
+                             f"{','.join(self.expert_stores) or 'nothing'}")
         if self.peers and self.checkpoint is None:
             raise BenchError("--peers needs --checkpoint CKPT (the checkpoint the bundle was exported from)")
         if self.checkpoint is not None and not Path(self.checkpoint).is_dir():
@@ -83,7 +92,7 @@ class BenchOptions:
 
     @classmethod
     def parse(cls, expert_budgets: str | None = None, memory_budgets: str | None = None,
-              policies: str = "lru", **kwargs) -> "BenchOptions":
+              policies: str = "lru", expert_stores: str = "auto", **kwargs) -> "BenchOptions":
         """From the CLI's strings; expert budgets default to 100%,75%,50%,25% unless memory budgets are given."""
         if expert_budgets is None and memory_budgets is None:
             expert_budgets = DEFAULT_EXPERT_BUDGETS
@@ -94,7 +103,8 @@ class BenchOptions:
             raise BenchError(f"--policies: unknown policy {bad[0]!r} (known: {', '.join(known)})")
         return cls(expert_budgets=parse_budgets(expert_budgets, "--expert-budgets"),
                    memory_budgets=parse_budgets(memory_budgets, "--memory-budgets", allow_percent=False),
-                   policies=names, **kwargs)
+                   policies=names, expert_stores=tuple(p.strip() for p in expert_stores.split(",") if p.strip()),
+                   **kwargs)
 
     def budget_pairs(self) -> list[tuple[Budget | None, Budget | None]]:
         """Every (expert budget, memory budget) to run: the product of the two lists."""
@@ -118,7 +128,9 @@ class SweepContext:
         return self.bundle.manifest.expert_bytes_total
 
     def bundle_files(self) -> list[Path]:
-        return [self.bundle.root / MANIFEST_NAME] + [self.bundle.path_of(e) for e in self.bundle.manifest.files]
+        """The bundle's files and this machine's prepacked expert graphs: what a cold run must read."""
+        files = [self.bundle.root / MANIFEST_NAME] + [self.bundle.path_of(e) for e in self.bundle.manifest.files]
+        return files + prepared_files(self.bundle)
 
     def token_bytes_at(self, prompt_tokens: int | None, tokens: int) -> TokenBytes:
         """Bytes a token touches at the mean context of a decode of `tokens` after this prompt (a run's
@@ -127,10 +139,11 @@ class SweepContext:
         return token_bytes(self.bundle.manifest, prompt + tokens // 2)
 
 
-def ask_command(ctx: SweepContext, expert: Budget | None, memory: Budget | None, policy: str | None) -> list[str]:
+def ask_command(ctx: SweepContext, expert: Budget | None, memory: Budget | None, policy: str | None,
+                store: str = "auto") -> list[str]:
     o = ctx.options
     cmd = [o.python, "-m", "edgemoe.cli", "ask", str(ctx.bundle.root), o.question, "--image", str(ctx.image),
-           "--max-tokens", str(o.tokens), "--json"]
+           "--max-tokens", str(o.tokens), "--json", "--expert-store", store]
     if expert is not None:
         cmd += ["--expert-budget", expert.text]
     if memory is not None:
@@ -157,7 +170,9 @@ def with_bound(ctx: SweepContext, run: BenchRun) -> BenchRun:
     paged = run.bytes_paged_per_token
     if paged is None:  # the child reported no paging: assume the uniform-routing expectation
         paged = uniform_paged_bytes(tb, _cached_fraction(ctx, run))
-    return replace(run, bound=decode_bound(tb, paged, ctx.bandwidths, ctx.options.cold))
+    # Decode pages over the page cache even in a cold run: the prefill has read every expert once
+    # (an image activates all of them), and evicting an expert drops it from the process, not the OS.
+    return replace(run, bound=decode_bound(tb, paged, ctx.bandwidths, cold=False))
 
 
 def run_from_child(engine: str, child: ChildRun, *, policy: str | None, expert: Budget | None,
@@ -179,23 +194,48 @@ def run_from_child(engine: str, child: ChildRun, *, policy: str | None, expert: 
                    stats=RunStats.from_child(stats if isinstance(stats, dict) else {}))
 
 
-def run_edgemoe(ctx: SweepContext, expert: Budget | None, memory: Budget | None, policy: str | None) -> BenchRun:
+def run_edgemoe(ctx: SweepContext, expert: Budget | None, memory: Budget | None, policy: str | None,
+                store: str = "auto") -> BenchRun:
     """One `edgemoe ask` in a fresh process, cold if asked, set against its bound."""
     if ctx.options.cold:
         evict_pages(ctx.bundle_files())
-    child = run_child(ask_command(ctx, expert, memory, policy), timeout_s=ctx.options.timeout_s)
+    child = run_child(ask_command(ctx, expert, memory, policy, store), timeout_s=ctx.options.timeout_s)
     budget_bytes = None if expert is None else expert.bytes_of(ctx.expert_bytes_total)
     run = run_from_child(EDGEMOE, child, policy=policy, expert=expert, memory=memory, budget_bytes=budget_bytes,
                          tokens=ctx.options.tokens)
+    if len(ctx.options.expert_stores) > 1 or store != "auto":
+        run = replace(run, expert_store=store)
     if run.error:
         log.warning("%s failed: %s", run.label, run.error)
     return with_bound(ctx, run)
 
 
+def prepared_files(bundle: Bundle) -> list[Path]:
+    """This machine's prepacked graphs (and data files) of the bundle's experts, where they exist."""
+    from edgemoe.offload.prepacked import PrepackedGraphs, data_file
+
+    graphs = PrepackedGraphs()
+    paths = [graphs.path(e.sha256) for e in bundle.manifest.experts().values()]
+    return [f for p in paths if p.is_file() for f in (p, data_file(p))]
+
+
+def prepare_experts(bundle: Bundle, stores: tuple[str, ...]) -> None:
+    """Write the prepacked expert graphs a mapped run needs (a first-run step, not a timed one)."""
+    from edgemoe.offload.mapped import mapped_store_supported
+    from edgemoe.runtime.providers import open_expert_store
+
+    if any(s in ("auto", "mapped") for s in stores) and mapped_store_supported():
+        try:
+            open_expert_store(bundle, "mapped").close()
+        except EdgeMoEError as exc:  # each run reports it (or falls back) on its own
+            log.warning("cannot prepare the experts for this machine: %s", exc)
+
+
 def _steps(options: BenchOptions) -> int:
     from edgemoe.bench.peers import peer_steps
 
-    return 1 + len(options.budget_pairs()) * len(options.policies) + (peer_steps(options) if options.peers else 0)
+    runs = len(options.budget_pairs()) * len(options.policies) * len(options.expert_stores)
+    return 2 + runs + (peer_steps(options) if options.peers else 0)
 
 
 def _reported_prompt(runs: list[BenchRun]) -> int | None:
@@ -229,12 +269,15 @@ def run_bench(bundle_path: str | Path, options: BenchOptions = BenchOptions(),
         files = [bundle.path_of(e) for e in bundle.manifest.files]
         bandwidths = measure_bandwidths(files, options.memory_probe_bytes, options.disk_probe_bytes)
         step("bandwidth probes")
+        prepare_experts(bundle, options.expert_stores)  # once per machine, before any run is timed
+        step("experts prepared for this machine")
         ctx = SweepContext(bundle, options, image, bandwidths, estimate_prompt_tokens(bundle, options.question))
         runs = []
         for expert, memory in options.budget_pairs():
-            for policy in options.policies:
-                runs.append(run_edgemoe(ctx, expert, memory, policy))
-                step(runs[-1].label)
+            for store in options.expert_stores:
+                for policy in options.policies:
+                    runs.append(run_edgemoe(ctx, expert, memory, policy, store))
+                    step(runs[-1].label)
         peers = run_peers(ctx, runs, Path(scratch), step) if options.peers else ()
     return BenchReport(
         bundle=str(bundle.root), bundle_bytes=bundle.manifest.total_bytes,
