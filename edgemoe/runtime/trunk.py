@@ -117,8 +117,10 @@ class Trunk:
             sess.run_with_iobinding(binding)
         except Exception as exc:
             raise RuntimeGraphError(f"graph layer{n}.attn failed: {one_line(exc)}") from None
-        h, m = binding.copy_outputs_to_cpu()[:2]
-        return h[0], m[0]
+        # Only h and m: copy_outputs_to_cpu() would also copy present_key/value, i.e. the whole KV
+        # cache, every call (measured 2.2 ms per layer per token at 256 positions, 7 ms at 4096).
+        h, m = binding.get_outputs()[:2]
+        return h.numpy()[0], m.numpy()[0]
 
     def dense_mlp(self, n: int, m: np.ndarray) -> np.ndarray:
         return _run(self.mlp[n], f"layer{n}.mlp", {"x": np.ascontiguousarray(m)})[0]
