@@ -174,7 +174,8 @@ def ask(bundle: BundleDir, question: str = typer.Argument(..., help="The questio
     """Answer a question about an image, streaming the answer as it is generated."""
     from edgemoe.runtime import ChatSession
 
-    with ChatSession(bundle, flags["image"], generation_options(flags), reserve_turns=1) as session:
+    with _prepare_progress() as prepare, ChatSession(bundle, flags["image"], generation_options(flags),
+                                                     reserve_turns=1, prepare_progress=prepare) as session:
         result = session.ask(question, on_text=None if flags["as_json"] else _stream_text)
     if flags["as_json"]:
         sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
@@ -192,7 +193,8 @@ def chat(bundle: BundleDir, **flags: Any) -> None:
     from edgemoe.runtime import ChatSession
 
     interactive = sys.stdin.isatty()
-    with ChatSession(bundle, flags["image"], generation_options(flags)) as session:
+    with _prepare_progress() as prepare, ChatSession(bundle, flags["image"], generation_options(flags),
+                                                     prepare_progress=prepare) as session:
         for question in _questions(interactive):
             result = session.ask(question, on_text=None if flags["as_json"] else _stream_text)
             if flags["as_json"]:
@@ -202,6 +204,13 @@ def chat(bundle: BundleDir, **flags: Any) -> None:
             sys.stdout.flush()
             if interactive:
                 err.print(result.stats.summary(), highlight=False)
+
+
+def _prepare_progress() -> Any:
+    """The bar of a first run on this machine: experts packed for its CPU (nothing on later runs)."""
+    from edgemoe.progress import count_progress
+
+    return count_progress("preparing experts for this CPU (once)", err)
 
 
 def _questions(interactive: bool) -> Iterator[str]:

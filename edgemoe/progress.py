@@ -47,3 +47,27 @@ def step_progress(title: str, total: int, console: Console | None = None) -> Ite
 
     with bar:
         yield step
+
+
+@contextmanager
+def count_progress(title: str, console: Console | None = None) -> Iterator[Callable[[int, int], None]]:
+    """A `progress(done, total)` callback whose bar appears only once work is reported (a first-run
+    step that usually has nothing to do shows nothing)."""
+    console = console or Console(stderr=True)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeRemainingColumn(), console=console, disable=not console.is_terminal, transient=True)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(title, total=total)
+        bar.update(task, completed=done, total=total)
+        if done >= total:  # gone before whatever streams next to the terminal
+            bar.stop()
+
+    try:
+        yield update
+    finally:
+        bar.stop()

@@ -191,13 +191,15 @@ class MappedExpertStore:
         return tuple(self.bundle.manifest.experts())
 
     def _prepare(self, progress: Callable[[int, int], None] | None) -> tuple[dict, dict]:
-        """Prepacked graph of every expert (written once per machine) and its resident bytes."""
-        manifest, keys = self.bundle.manifest, self.keys()
+        """Prepacked graph of every expert (written once per machine) and its resident bytes;
+        `progress(done, total)` counts the graphs written this time (none on later runs)."""
+        manifest = self.bundle.manifest
+        entries = {key: manifest.expert(key) for key in self.keys()}
+        missing = [key for key, entry in entries.items() if not self.graphs.exists(entry.sha256)]
         paths, sizes = {}, {}
-        for i, key in enumerate(keys):
-            entry = manifest.expert(key)
+        for key, entry in entries.items():
             try:
-                if self.verify and not self.graphs.exists(entry.sha256):
+                if key in missing and self.verify:
                     self.bundle.verify_file(entry)  # never pack a tampered file
                 path = self.graphs.ensure(entry.sha256, self.bundle.path_of(entry), self._options)
                 sizes[key] = mapped_bytes(path)
@@ -206,8 +208,8 @@ class MappedExpertStore:
             except Exception as exc:  # OSError writing the cache, ORT refusing the graph
                 raise ExpertLoadError(key, f"cannot prepare {entry.path} for this machine: {one_line(exc)}") from exc
             paths[key] = path
-            if progress is not None:
-                progress(i + 1, len(keys))
+            if progress is not None and key in missing:
+                progress(missing.index(key) + 1, len(missing))
         return paths, sizes
 
     @property

@@ -91,11 +91,13 @@ class ChatSession:
 
     def __init__(self, bundle_path: str | Path, image: ImageSource | None = None,
                  options: GenerationOptions = GenerationOptions(), *, context_tokens: int | None = None,
-                 reserve_turns: int = CHAT_TURNS_RESERVED) -> None:
+                 reserve_turns: int = CHAT_TURNS_RESERVED,
+                 prepare_progress: Callable[[int, int], None] | None = None) -> None:
         t0 = time.monotonic()
         configure_process()  # before the first session: freed sessions go back to the OS
         self.options, self.image = options, image
         self._context_tokens, self._reserve_turns = context_tokens, max(1, reserve_turns)
+        self._prepare_progress = prepare_progress  # experts packed for this CPU on a first run
         self.bundle = Bundle.open(bundle_path)
         manifest = self.bundle.manifest
         self.config = manifest.model_config()
@@ -138,7 +140,7 @@ class ChatSession:
                        prefetch=opts.prefetch)
         engine = Engine(self.trunk, moe, self.logit_limit, capacity)
         engine.warm_up()
-        store = open_expert_store(self.bundle, opts.expert_store)  # before the baseline: it holds sessions
+        store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress)  # before the baseline
         sizes = resident_sizes(store)
         self.budget = plan_budget(self.bundle, opts.memory_budget, opts.expert_budget,
                                   baseline_rss=psutil.Process().memory_info().rss,
