@@ -84,3 +84,29 @@ class FakeClock:
 
 def keys_of(layers: Iterable[int], experts: int) -> list[ExpertKey]:
     return [ExpertKey(layer, e) for layer in layers for e in range(experts)]
+
+
+def expert_weights(key: ExpertKey, hidden: int, ffn: int):
+    """Seeded SwiGLU weights for a real tiny expert graph (`quant.lowering.build_mlp`)."""
+    from edgemoe.quant.graphs import MlpWeights
+
+    rng = np.random.default_rng(10 * key.layer + key.expert)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    return MlpWeights(up=w(ffn, hidden), down=w(hidden, ffn), gate=w(ffn, hidden))
+
+
+def write_expert_bundle(root, keys: Iterable[ExpertKey], precision: dict, hidden: int, ffn: int):
+    """A bundle of real expert graphs only, each at `precision.get(key, "fp32")`; returns its root."""
+    from edgemoe.bundle import BundleWriter
+    from edgemoe.quant.lowering import build_mlp
+    from edgemoe.quant.schemes import Scheme
+
+    with BundleWriter(root) as writer:
+        for key in keys:
+            p = precision.get(key, "fp32")
+            writer.add_expert(key, build_mlp(expert_weights(key, hidden, ffn), "silu_glu", Scheme.default(p)),
+                              precision=p)
+        writer.finish(model={}, target="cpu")
+    return root

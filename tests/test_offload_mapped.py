@@ -13,16 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgemoe.bundle import Bundle, BundleWriter
+from edgemoe.bundle import Bundle
 from edgemoe.keys import ExpertKey
 from edgemoe.offload import ExpertCache, ExpertLoadError, OffloadingProvider, OnnxExpertStore, ResidentProvider
 from edgemoe.offload import prepacked as prepacked_module
 from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
 from edgemoe.offload.prepacked import PrepackedGraphs, machine_signature
 from edgemoe.offload.sessions import configure_process, session_factory
-from edgemoe.quant.graphs import MlpWeights
-from edgemoe.quant.lowering import build_mlp
-from edgemoe.quant.schemes import Scheme
+from offload_fakes import write_expert_bundle
 
 pytestmark = pytest.mark.skipif(not mapped_store_supported(), reason="mapped experts need Linux")
 
@@ -31,24 +29,11 @@ PRECISION = {ExpertKey(1, 0): "int8", ExpertKey(1, 1): "int4", ExpertKey(3, 0): 
 KEYS = [ExpertKey(layer, e) for layer in (1, 3) for e in range(2)]
 
 
-def weights(key: ExpertKey) -> MlpWeights:
-    rng = np.random.default_rng(10 * key.layer + key.expert)
-
-    def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    return MlpWeights(up=w(F, H), down=w(H, F), gate=w(F, H))
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     configure_process()
     root = tmp_path_factory.mktemp("mapped") / "bundle"
-    with BundleWriter(root) as writer:
-        for key in KEYS:
-            precision = PRECISION.get(key, "fp32")
-            writer.add_expert(key, build_mlp(weights(key), "silu_glu", Scheme.default(precision)),
-                              precision=precision)
-        writer.finish(model={}, target="cpu")
+    write_expert_bundle(root, KEYS, PRECISION, H, F)
     return Bundle.open(root)
 
 

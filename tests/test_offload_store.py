@@ -8,34 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgemoe.bundle import Bundle, BundleWriter, reader
+from edgemoe.bundle import Bundle, reader
 from edgemoe.keys import ExpertKey
 from edgemoe.offload import ExpertLoadError, OffloadingProvider, OnnxExpertStore, ResidentProvider, sessions
-from edgemoe.quant.graphs import MlpWeights, mlp_reference
-from edgemoe.quant.lowering import build_mlp
-from edgemoe.quant.schemes import Scheme
+from edgemoe.quant.graphs import mlp_reference
+from offload_fakes import expert_weights, write_expert_bundle
 
 H, F = 128, 256
 PRECISION = {ExpertKey(1, 0): "int8", ExpertKey(3, 1): "int4"}  # the rest fp32: unequal sizes
 KEYS = [ExpertKey(layer, e) for layer in (1, 3) for e in range(2)]
 
 
-def weights(key: ExpertKey) -> MlpWeights:
-    rng = np.random.default_rng(10 * key.layer + key.expert)
-    def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    return MlpWeights(up=w(F, H), down=w(H, F), gate=w(F, H))
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("offload") / "bundle"
-    with BundleWriter(root) as writer:
-        for key in KEYS:
-            precision = PRECISION.get(key, "fp32")
-            writer.add_expert(key, build_mlp(weights(key), "silu_glu", Scheme.default(precision)),
-                              precision=precision)
-        writer.finish(model={}, target="cpu")
+    write_expert_bundle(root, KEYS, PRECISION, H, F)
     return root
 
 
@@ -63,7 +52,7 @@ def test_load_runs_the_expert_and_counts(bundle: Bundle, monkeypatch: pytest.Mon
     key = ExpertKey(1, 1)
     runner = store.load(key)
     entry = bundle.expert_entry(key)
-    np.testing.assert_allclose(runner.run(x_in()), mlp_reference(weights(key), "silu_glu", x_in()), atol=1e-4)
+    np.testing.assert_allclose(runner.run(x_in()), mlp_reference(expert_weights(key, H, F), "silu_glu", x_in()), atol=1e-4)
     assert runner.nbytes == store.size_of(key) == entry.size  # file size: known before loading
     store.load(key)
     assert hashed == ["E1.onnx"]  # verified once; the second load costs a stat

@@ -23,11 +23,9 @@ process can use it, and the runtime falls back to `OnnxExpertStore` where it can
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +39,8 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.keys import ExpertKey
 from edgemoe.offload.errors import ExpertLoadError, one_line
 from edgemoe.offload.prepacked import SESSION_OVERHEAD, PrepackedGraphs, data_file, mapped_bytes
-from edgemoe.offload.store import OnnxExpert, StoreStats
+from edgemoe.offload.sessions import glibc
+from edgemoe.offload.store import LoadCounter, OnnxExpert, StoreStats
 
 if TYPE_CHECKING:
     from edgemoe.bundle import Bundle
@@ -51,22 +50,13 @@ log = logging.getLogger(__name__)
 MADV_WILLNEED, MADV_DONTNEED, MADV_POPULATE_READ = 3, 4, 22  # Linux asm-generic/mman-common.h
 POSIX_FADV_DONTNEED = 4
 
-_libc: Any = None
-
-
 def _madvise_fn() -> Any:
-    global _libc
-    if _libc is None:
-        _libc = False
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                lib.madvise.restype = ctypes.c_int
-                _libc = lib
-            except (OSError, AttributeError):
-                pass
-    return _libc or None
+    """glibc with madvise's signature declared, or None (not Linux/glibc)."""
+    lib = glibc()
+    if lib is not None and lib.madvise.argtypes is None:
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        lib.madvise.restype = ctypes.c_int
+    return lib
 
 
 def mapped_store_supported() -> bool:
@@ -177,14 +167,13 @@ class MappedExpertStore:
         if not mapped_store_supported():
             raise EdgeMoEError("mapped experts need Linux (madvise and /proc/self/maps)")
         self.bundle, self.graphs = bundle, graphs or PrepackedGraphs()
-        self.verify, self.drop_file_pages, self._clock = verify, drop_file_pages, clock
+        self.verify, self.drop_file_pages = verify, drop_file_pages
+        self._counter = LoadCounter(clock)
         self._options = options or session_options
         self._make_session = session_factory or default_factory()
         self._lock = threading.Lock()
         self._key_locks: dict[ExpertKey, threading.Lock] = {k: threading.Lock() for k in self.keys()}
         self._experts: dict[ExpertKey, MappedExpert] = {}
-        self._loads = self._failures = self._bytes = 0
-        self._seconds = 0.0
         self._paths, self._sizes = self._prepare(progress)
 
     def keys(self) -> tuple[ExpertKey, ...]:
@@ -224,27 +213,19 @@ class MappedExpertStore:
             raise ExpertLoadError(key, "no such expert in the bundle") from None
 
     def load(self, key: ExpertKey) -> MappedExpert:
+        return self._counter.measure(lambda: self._page_in(key))
+
+    def _page_in(self, key: ExpertKey) -> tuple[MappedExpert, int]:
         lock = self._key_locks.get(key)
         if lock is None:
             raise ExpertLoadError(key, "no such expert in the bundle")
-        start = self._clock()
-        try:
-            with lock:
-                expert = self._experts.get(key) or self._open(key)
-                try:
-                    expert.page_in()
-                except OSError as exc:
-                    raise ExpertLoadError(key, f"cannot read {expert.residency.path}: {exc.strerror or exc}") from exc
-        except Exception:
-            with self._lock:
-                self._failures += 1
-            raise
-        elapsed = self._clock() - start
-        with self._lock:
-            self._loads += 1
-            self._bytes += expert.residency.nbytes
-            self._seconds += elapsed
-        return expert
+        with lock:
+            expert = self._experts.get(key) or self._open(key)
+            try:
+                expert.page_in()
+            except OSError as exc:
+                raise ExpertLoadError(key, f"cannot read {expert.residency.path}: {exc.strerror or exc}") from exc
+        return expert, expert.residency.nbytes
 
     def _open(self, key: ExpertKey) -> MappedExpert:
         """The expert's session, created on its first load and kept (module docstring)."""
@@ -268,8 +249,7 @@ class MappedExpertStore:
         return expert
 
     def stats(self) -> StoreStats:
-        with self._lock:
-            return StoreStats(self._loads, self._failures, self._bytes, self._seconds)
+        return self._counter.stats()
 
     def close(self) -> None:
         """Drop every session (and its mappings)."""

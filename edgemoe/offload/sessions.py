@@ -48,14 +48,14 @@ _global_threads: int | None = None  # intra-op size of the global pool, once cre
 _libc: Any = None
 
 
-def _glibc() -> Any:
-    """glibc via ctypes, or None where the C library is not glibc."""
+def glibc() -> Any:
+    """glibc via ctypes (errno kept for `ctypes.get_errno`), or None where the C library is not glibc."""
     global _libc
     if _libc is None:
         _libc = False
         if sys.platform.startswith("linux"):
             try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
                 lib.gnu_get_libc_version  # only glibc has it (musl has mallopt as a stub)
                 _libc = lib
             except (OSError, AttributeError):
@@ -79,7 +79,7 @@ def configure_process(mmap_threshold: int = MMAP_THRESHOLD, global_threads: int 
 
     Returns whether the mmap threshold was set (False without glibc). Safe to call again.
     """
-    lib = _glibc()
+    lib = glibc()
     ok = bool(lib is not None and lib.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)) == 1)
     if lib is not None and not ok:
         log.warning("mallopt(M_MMAP_THRESHOLD, %d) failed; freed sessions may stay in the heap", mmap_threshold)
@@ -108,7 +108,7 @@ def use_global_thread_pool(threads: int | None = None) -> bool:
 
 def trim_heap() -> bool:
     """Return free heap to the OS (`malloc_trim(0)`); whether anything was released."""
-    lib = _glibc()
+    lib = glibc()
     return bool(lib is not None and lib.malloc_trim(0))
 
 

@@ -64,6 +64,36 @@ class StoreStats:
         return self.bytes_read / self.load_seconds if self.load_seconds > 0 else None
 
 
+class LoadCounter:
+    """A store's load counters (`StoreStats`), thread-safe: `measure(build)` times one load."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._loads = self._failures = self._bytes = 0
+        self._seconds = 0.0
+
+    def measure(self, build: Callable[[], tuple[Any, int]]) -> Any:
+        """Run `build() -> (runner, bytes read)`, count it (or its failure), return the runner."""
+        start = self._clock()
+        try:
+            runner, nread = build()
+        except Exception:
+            with self._lock:
+                self._failures += 1
+            raise
+        elapsed = self._clock() - start
+        with self._lock:
+            self._loads += 1
+            self._bytes += nread
+            self._seconds += elapsed
+        return runner
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(self._loads, self._failures, self._bytes, self._seconds)
+
+
 class OnnxExpert:
     """One expert as an ORT session: `run(x [N, H] fp32) -> [N, H]`."""
 
@@ -93,10 +123,8 @@ class OnnxExpertStore:
             from edgemoe.offload.sessions import session_factory as default_factory
             session_factory = default_factory()
         self.bundle, self.verify, self.nbytes_factor = bundle, verify, nbytes_factor
-        self._make_session, self._clock = session_factory, clock
-        self._lock = threading.Lock()
-        self._loads = self._failures = self._bytes = 0
-        self._seconds = 0.0
+        self._make_session = session_factory
+        self._counter = LoadCounter(clock)
 
     def keys(self) -> tuple[ExpertKey, ...]:
         return tuple(self.bundle.manifest.experts())
@@ -106,19 +134,8 @@ class OnnxExpertStore:
         return math.ceil(self.bundle.manifest.bytes_of(entry) * self.nbytes_factor)
 
     def load(self, key: ExpertKey) -> OnnxExpert:
-        start = self._clock()
-        try:
-            runner, nread = self._build(key)
-        except Exception:
-            with self._lock:
-                self._failures += 1
-            raise
-        elapsed = self._clock() - start
-        with self._lock:
-            self._loads += 1
-            self._bytes += nread
-            self._seconds += elapsed
-        log.debug("loaded %s: %d bytes in %.1f ms", key, nread, elapsed * 1e3)
+        runner = self._counter.measure(lambda: self._build(key))
+        log.debug("loaded %s", key)
         return runner
 
     def _build(self, key: ExpertKey) -> tuple[OnnxExpert, int]:
@@ -155,5 +172,4 @@ class OnnxExpertStore:
             raise ExpertLoadError(key, str(exc)) from exc
 
     def stats(self) -> StoreStats:
-        with self._lock:
-            return StoreStats(self._loads, self._failures, self._bytes, self._seconds)
+        return self._counter.stats()
