@@ -69,6 +69,9 @@ def test_bound_arithmetic_gives_known_tokens_per_s() -> None:
     warm = decode_bound(tb, 800, bw, cold=False)  # 1 s + 0.5 s
     assert warm.tokens_per_s == pytest.approx(1 / 1.5) and warm.link == "page cache"
     assert decode_bound(tb, 0, bw, cold=True).tokens_per_s == pytest.approx(1.0)
+    mapped = decode_bound(tb, 800 * 13920 / 1600, bw, cold=False, mapped=True)  # pages mapped, not copied
+    assert mapped.link == "page cache (mapped)" and mapped.link_bandwidth == 13920.0
+    assert mapped.tokens_per_s == pytest.approx(warm.tokens_per_s)  # 1 s + 6960 B at memory speed = 0.5 s
 
 
 def test_uniform_paging_matches_the_anchor_loads_per_layer() -> None:

@@ -106,7 +106,7 @@ def test_expert_stores_run_side_by_side(tmp_path: Path, fake_python: Path) -> No
     options = BenchOptions.parse("100%", None, "lru", "mapped,sessions", tokens=5, python=str(fake_python),
                                  memory_probe_bytes=4 * MB, disk_probe_bytes=MB)
     report = run_bench(bundle, options)
-    assert [r.label for r in report.runs] == ["edgemoe lru [mapped] 100%", "edgemoe lru [sessions] 100%"]
+    assert [r.label for r in report.runs] == ["edgemoe lru (mapped) 100%", "edgemoe lru (sessions) 100%"]
     assert [r.command[r.command.index("--expert-store") + 1] for r in report.runs] == ["mapped", "sessions"]
     assert BenchReport.from_json(report.to_json()) == report
     with pytest.raises(BenchError, match="--expert-stores"):

@@ -214,7 +214,7 @@ class DecodeBound:
     paged_bytes_per_token: float
     memory_bandwidth: float  # bytes/s
     link_bandwidth: float | None  # bytes/s; None when nothing was measured (then paging is free)
-    link: str  # "disk" (after DONTNEED) | "page cache"
+    link: str  # "disk" (after DONTNEED) | "page cache" (read) | "page cache (mapped)" (no copy)
 
     @property
     def seconds_per_token(self) -> float:
@@ -226,7 +226,13 @@ class DecodeBound:
         return 1.0 / self.seconds_per_token if self.seconds_per_token > 0 else math.inf
 
 
-def decode_bound(tb: TokenBytes, paged_bytes_per_token: float, bw: Bandwidths, cold: bool) -> DecodeBound:
+def decode_bound(tb: TokenBytes, paged_bytes_per_token: float, bw: Bandwidths, cold: bool,
+                 mapped: bool = False) -> DecodeBound:
+    """`mapped`: the paged bytes are page-cache pages mapped into the process, not copied (a mapped
+    expert store), so they cost at most one pass at memory bandwidth, not a read()."""
+    if mapped and not cold:
+        return DecodeBound(tb.resident_bytes, float(paged_bytes_per_token), bw.memory, bw.memory,
+                           "page cache (mapped)")
     return DecodeBound(tb.resident_bytes, float(paged_bytes_per_token), bw.memory, bw.link(cold),
                        "disk" if cold else "page cache")
 

@@ -116,7 +116,7 @@ class BenchRun:
     @property
     def label(self) -> str:
         if self.engine == EDGEMOE:
-            store = f"[{self.expert_store}]" if self.expert_store else ""
+            store = f"({self.expert_store})" if self.expert_store else ""  # not [..]: rich markup
             return f"edgemoe {self.policy or ''} {store} {self.budget_label}".replace("  ", " ")
         if self.engine.startswith("accelerate"):
             return f"{self.engine} {self.budget_label}"

@@ -172,7 +172,8 @@ def with_bound(ctx: SweepContext, run: BenchRun) -> BenchRun:
         paged = uniform_paged_bytes(tb, _cached_fraction(ctx, run))
     # Decode pages over the page cache even in a cold run: the prefill has read every expert once
     # (an image activates all of them), and evicting an expert drops it from the process, not the OS.
-    return replace(run, bound=decode_bound(tb, paged, ctx.bandwidths, cold=False))
+    return replace(run, bound=decode_bound(tb, paged, ctx.bandwidths, cold=False,
+                                           mapped=run.stats.get("expert_store") == "mapped"))
 
 
 def run_from_child(engine: str, child: ChildRun, *, policy: str | None, expert: Budget | None,

@@ -98,6 +98,7 @@ class ChatSession:
         self.options, self.image = options, image
         self._context_tokens, self._reserve_turns = context_tokens, max(1, reserve_turns)
         self._prepare_progress = prepare_progress  # experts packed for this CPU on a first run
+        self._store_kind = "sessions"
         self.bundle = Bundle.open(bundle_path)
         manifest = self.bundle.manifest
         self.config = manifest.model_config()
@@ -142,6 +143,7 @@ class ChatSession:
         engine.warm_up()
         store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress)  # before the baseline
         sizes = resident_sizes(store)
+        self._store_kind = "sessions" if sizes is None else "mapped"
         self.budget = plan_budget(self.bundle, opts.memory_budget, opts.expert_budget,
                                   baseline_rss=psutil.Process().memory_info().rss,
                                   kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
@@ -232,7 +234,8 @@ class ChatSession:
             bytes_paged=delta.counters.bytes_paged, decode_bytes_paged=decode_paged,
             peak_rss_bytes=rss.peak, max_rss_bytes=max_rss_bytes(),
             expert_budget_bytes=self.budget.expert_bytes if self.budget else None,
-            policy=self.options.policy if self.budget and self.budget.offloading else "resident")
+            policy=self.options.policy if self.budget and self.budget.offloading else "resident",
+            expert_store=self._store_kind)
 
     # -- lifetime ---------------------------------------------------------------------------------
 

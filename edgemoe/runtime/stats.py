@@ -44,6 +44,7 @@ class GenerationStats:
     max_rss_bytes: int  # the process's lifetime high-water mark (getrusage)
     expert_budget_bytes: int | None  # None: every expert resident
     policy: str
+    expert_store: str = "sessions"  # how experts were paged: mapped | sessions
 
     @property
     def hit_rate(self) -> float | None:
