@@ -10,7 +10,8 @@
 # ~25 GB of disk (checkpoint 6 GB, bundles, accelerate's 6 GB bf16 weight folder).
 #
 # Knobs (environment): WORK, RESULTS, SIZE (full | tiny, to try the recipe in a minute), TOKENS,
-# EXPERT_BUDGETS, POLICIES, MEMORY_BUDGETS (sizes; adds a memory-budget sweep), PRECISIONS, PEERS (0/1).
+# EXPERT_BUDGETS, POLICIES, EXPERT_STORES (mapped,sessions: both ways of paging side by side),
+# MEMORY_BUDGETS (sizes; adds a memory-budget sweep), PRECISIONS, PEERS (0/1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && . .venv/bin/activate
@@ -18,9 +19,10 @@ cd "$(dirname "$0")/.."
 SIZE=${SIZE:-full}
 WORK=${WORK:-$HOME/.cache/edgemoe-bench/$SIZE}
 RESULTS=${RESULTS:-bench/results}
-TOKENS=${TOKENS:-32}
+TOKENS=${TOKENS:-96}
 EXPERT_BUDGETS=${EXPERT_BUDGETS:-100%,75%,50%,25%}
 POLICIES=${POLICIES:-lru,lfu,edgemoe}
+EXPERT_STORES=${EXPERT_STORES:-auto}
 PRECISIONS=${PRECISIONS:-int4 auto}
 PEERS=${PEERS:-1}
 HOST=$(hostname -s 2>/dev/null || echo host)
@@ -37,7 +39,7 @@ for precision in $PRECISIONS; do
   if [ ! -f "$bundle/manifest.json" ]; then
     edgemoe export "$CKPT" -o "$bundle" --precision "$precision"
   fi
-  args=(--expert-budgets "$EXPERT_BUDGETS" --policies "$POLICIES" --tokens "$TOKENS")
+  args=(--expert-budgets "$EXPERT_BUDGETS" --policies "$POLICIES" --expert-stores "$EXPERT_STORES" --tokens "$TOKENS")
   if [ "$PEERS" = 1 ] && [ $first = 1 ]; then  # the peers do not depend on the bundle: measure them once
     args+=(--peers --checkpoint "$CKPT" --offload-dir "$WORK/accelerate-bf16")
   fi
