@@ -237,7 +237,7 @@ def decode_bound(tb: TokenBytes, paged_bytes_per_token: float, bw: Bandwidths, c
                        "disk" if cold else "page cache")
 
 
-def budget_curve(tb: TokenBytes, bw: Bandwidths, cold: bool, fractions: Sequence[float]
+def budget_curve(tb: TokenBytes, bw: Bandwidths, cold: bool, fractions: Sequence[float], mapped: bool = False
                  ) -> list[tuple[float, float]]:
     """(fraction of experts cached, bound tokens/s under uniform routing) for each fraction."""
-    return [(f, decode_bound(tb, uniform_paged_bytes(tb, f), bw, cold).tokens_per_s) for f in fractions]
+    return [(f, decode_bound(tb, uniform_paged_bytes(tb, f), bw, cold, mapped).tokens_per_s) for f in fractions]

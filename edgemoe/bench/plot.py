@@ -16,7 +16,8 @@ from edgemoe.bench.results import EDGEMOE, BenchReport, BenchRun
 
 
 def _expert_budget(run: BenchRun) -> int | None:
-    return run.stats.expert_budget_bytes if run.stats.expert_budget_bytes is not None else run.budget_bytes
+    """The budget asked for (in the bundle's file bytes), else the runtime's resolved one."""
+    return run.budget_bytes if run.budget_bytes is not None else run.stats.expert_budget_bytes
 
 
 def _percent(report: BenchReport, budget: int | None) -> float | None:
@@ -25,7 +26,11 @@ def _percent(report: BenchReport, budget: int | None) -> float | None:
 
 
 def budget_percent(report: BenchReport, run: BenchRun) -> float | None:
-    """Where an edgemoe run sits on the x axis: its expert cache as % of all expert bytes."""
+    """Where an edgemoe run sits on the x axis: its expert cache as % of all expert bytes (the share
+    the runtime reported, in its own units: a mapped store counts mapped, not file, bytes)."""
+    fraction = run.stats.get("expert_cache_fraction")
+    if fraction is not None:
+        return 100.0 * min(float(fraction), 1.0)
     return _percent(report, _expert_budget(run))
 
 
@@ -34,7 +39,8 @@ def _series(report: BenchReport, runs, value) -> dict[str, list[tuple[float, flo
     for run in runs:
         x, y = budget_percent(report, run), value(run)
         if run.ok and x is not None and y is not None:
-            lines.setdefault(run.policy or run.engine, []).append((x, y))
+            store = f" ({run.expert_store})" if run.expert_store else ""
+            lines.setdefault((run.policy or run.engine) + store, []).append((x, y))
     return {k: sorted(v) for k, v in lines.items()}
 
 
@@ -53,7 +59,7 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
         speed.scatter(*zip(*pts), marker="x", color="black", label="limit of each run" if i == 0 else None)
     curve = report.budget_curve()
     speed.plot([100 * f for f, _ in curve], [t for _, t in curve], color="black", linestyle="--",
-               label=f"physical limit, uniform routing ({'disk' if report.cold else 'page cache'} link)")
+               label=f"physical limit, uniform routing ({report.curve_link})")
     _peers(report, speed)
     speed.set(xlabel="expert cache (% of expert bytes)", ylabel="decode tokens/s", yscale="log",
               title="decode speed vs expert budget")
@@ -80,7 +86,7 @@ def _peers(report: BenchReport, ax) -> None:
             continue
         color = colors.setdefault(peer.engine, f"C{3 + len(colors)}")
         if peer.engine.startswith("accelerate"):
-            x = _percent(report, _edge_budget(report, peer))
+            x = _edge_budget(report, peer)
             if x is not None:
                 labelled = peer.engine in ax.get_legend_handles_labels()[1]  # one legend entry for all budgets
                 ax.scatter([x], [rate], marker="s", color=color, label=None if labelled else peer.engine)
@@ -88,7 +94,7 @@ def _peers(report: BenchReport, ax) -> None:
             ax.axhline(rate, linestyle=":", linewidth=1.2, color=color, label=peer.label)
 
 
-def _edge_budget(report: BenchReport, peer: BenchRun) -> int | None:
-    """The expert budget (bytes) of the edgemoe runs an accelerate peer was matched with."""
-    matched = [_expert_budget(r) for r in report.runs if r.budget_key == peer.budget_key]
+def _edge_budget(report: BenchReport, peer: BenchRun) -> float | None:
+    """Where the edgemoe runs an accelerate peer was matched with sit on the x axis (%)."""
+    matched = [budget_percent(report, r) for r in report.runs if r.budget_key == peer.budget_key]
     return next((b for b in matched if b is not None), None)

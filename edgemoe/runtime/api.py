@@ -235,7 +235,9 @@ class ChatSession:
             peak_rss_bytes=rss.peak, max_rss_bytes=max_rss_bytes(),
             expert_budget_bytes=self.budget.expert_bytes if self.budget else None,
             policy=self.options.policy if self.budget and self.budget.offloading else "resident",
-            expert_store=self._store_kind)
+            expert_store=self._store_kind,
+            expert_cache_fraction=self.budget.expert_bytes / self.budget.all_expert_bytes
+            if self.budget and self.budget.offloading else None)
 
     # -- lifetime ---------------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class GenerationStats:
     expert_budget_bytes: int | None  # None: every expert resident
     policy: str
     expert_store: str = "sessions"  # how experts were paged: mapped | sessions
+    expert_cache_fraction: float | None = None  # the expert cache's share of all expert bytes (None: all)
 
     @property
     def hit_rate(self) -> float | None:
