@@ -159,3 +159,18 @@ def test_the_packed_layout_is_per_machine(monkeypatch: pytest.MonkeyPatch) -> No
     assert machine_signature() != here
     monkeypatch.setenv("EDGEMOE_CACHE_DIR", "/somewhere")
     assert PrepackedGraphs(signature="abc").root == Path("/somewhere/prepacked/abc")
+
+
+def test_an_unwritable_cache_falls_back_to_sessions_under_auto(bundle: Bundle, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgemoe.offload import PrepareError
+    from edgemoe.runtime.providers import open_expert_store, store_kind
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv("EDGEMOE_CACHE_DIR", str(blocked))  # prepacked graphs cannot be written under it
+    with pytest.raises(PrepareError, match="cannot prepare .* for this machine"):
+        open_expert_store(bundle, "mapped")
+    fallback = open_expert_store(bundle, "auto")
+    assert store_kind(fallback) == "sessions"
+    assert np.array_equal(fallback.load(KEYS[0]).run(x_in()), OnnxExpertStore(bundle).load(KEYS[0]).run(x_in()))

@@ -230,16 +230,19 @@ class BenchReport:
         return tuple(out)
 
     @property
+    def _mapped(self) -> bool:
+        """Whether a run paged mapped experts (pages mapped from the page cache, not copied)."""
+        return any(r.stats.get("expert_store") == "mapped" for r in self.runs)
+
+    @property
     def curve_link(self) -> str:
         """The link the budget curve pages over: decode re-reads the page cache (mapped when a run was)."""
-        mapped = any(r.stats.get("expert_store") == "mapped" for r in self.runs)
-        return "page cache (mapped)" if mapped else "page cache"
+        return "page cache (mapped)" if self._mapped else "page cache"
 
     def budget_curve(self) -> list[tuple[float, float]]:
         """(fraction of experts cached, uniform-routing bound tokens/s) for the plot and the JSON; over
         the page cache, like each run's own bound (sweep.with_bound)."""
-        return budget_curve(self.token_bytes, self.bandwidths, False, CURVE_FRACTIONS,
-                            mapped=self.curve_link.endswith("(mapped)"))
+        return budget_curve(self.token_bytes, self.bandwidths, False, CURVE_FRACTIONS, mapped=self._mapped)
 
     # -- JSON ---------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ Importing this package does not import onnxruntime; building ORT sessions does.
 from edgemoe.offload.budget import Budget, ExpertBudget, MemoryBudget, format_bytes, parse_size
 from edgemoe.offload.cache import CacheStats, ExpertCache
 from edgemoe.offload.errors import (BudgetError, CacheCapacityError, ExpertLoadError, OffloadError,
-                                    OffloadTimeout)
+                                    OffloadTimeout, PrepareError)
 from edgemoe.offload.policies import POLICIES, EdgeMoEPolicy, EvictionPolicy, LFUPolicy, LRUPolicy, make_policy
 from edgemoe.offload.predictor import (ExpertPredictor, PredictionStats, PredictionSummary, RouterPredictor,
                                        StatisticalPredictor)
@@ -28,7 +28,7 @@ __all__ = [
     "POLICIES", "Budget", "BudgetError", "CacheCapacityError", "CacheStats", "EdgeMoEPolicy", "EvictionPolicy",
     "ExpertBudget", "ExpertCache", "ExpertLoadError", "ExpertPredictor", "ExpertProvider", "ExpertRunner",
     "ExpertStore", "LFUPolicy", "LRUPolicy", "MemoryBudget", "OffloadError", "OffloadTimeout",
-    "OffloadingProvider", "OnnxExpert", "OnnxExpertStore", "PredictionStats", "PredictionSummary",
+    "OffloadingProvider", "OnnxExpert", "OnnxExpertStore", "PredictionStats", "PredictionSummary", "PrepareError",
     "PrefetchStats", "Prefetcher", "ProviderStats", "ResidentProvider", "RouterPredictor",
     "StatisticalPredictor", "StoreStats", "format_bytes", "make_policy", "parse_size",
 ]

@@ -26,6 +26,11 @@ class ExpertLoadError(OffloadError):
         self.key = key
 
 
+class PrepareError(ExpertLoadError):
+    """An expert could not be prepacked for this machine (cache not writable, ORT refusing the graph):
+    a store that does not need prepacking can still serve it."""
+
+
 class CacheCapacityError(OffloadError):
     """An expert does not fit the cache: larger than its capacity, or everything else is pinned."""
 

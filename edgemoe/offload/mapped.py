@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ import numpy as np
 
 from edgemoe.errors import EdgeMoEError
 from edgemoe.keys import ExpertKey
-from edgemoe.offload.errors import ExpertLoadError, one_line
+from edgemoe.offload.errors import ExpertLoadError, PrepareError, one_line
 from edgemoe.offload.prepacked import SESSION_OVERHEAD, PrepackedGraphs, data_file, mapped_bytes
 from edgemoe.offload.sessions import glibc
 from edgemoe.offload.store import LoadCounter, OnnxExpert, StoreStats
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MADV_WILLNEED, MADV_DONTNEED, MADV_POPULATE_READ = 3, 4, 22  # Linux asm-generic/mman-common.h
-POSIX_FADV_DONTNEED = 4
+
 
 def _madvise_fn() -> Any:
     """glibc with madvise's signature declared, or None (not Linux/glibc)."""
@@ -96,7 +96,7 @@ class PageResidency:
     """The ranges one session maps from its data file, paged in and out with madvise."""
 
     path: Path
-    ranges: tuple[tuple[int, int], ...] = field(default=())
+    ranges: tuple[tuple[int, int], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -115,16 +115,10 @@ class PageResidency:
             libc.madvise(start, length, MADV_WILLNEED)  # kernels before 5.14 lack the advice: touch
             _touch(start, length)
 
-    def page_out(self, drop_file_pages: bool = False) -> None:
+    def page_out(self) -> None:
         libc = _madvise_fn()
         for start, length in self.ranges:
             libc.madvise(start, length, MADV_DONTNEED)
-        if drop_file_pages and hasattr(os, "posix_fadvise"):  # next load comes from disk, not RAM
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
     def resident(self) -> int:
         return resident_bytes(self.ranges)
@@ -139,16 +133,15 @@ def _touch(start: int, length: int) -> None:
 class MappedExpert(OnnxExpert):
     """An expert whose session lives on; `release()` drops its weight pages (module docstring)."""
 
-    def __init__(self, key: ExpertKey, session: Any, nbytes: int, residency: PageResidency,
-                 drop_file_pages: bool = False) -> None:
+    def __init__(self, key: ExpertKey, session: Any, nbytes: int, residency: PageResidency) -> None:
         super().__init__(key, session, nbytes)
-        self.residency, self.drop_file_pages = residency, drop_file_pages
+        self.residency = residency
 
     def page_in(self) -> None:
         self.residency.page_in()
 
     def release(self) -> None:
-        self.residency.page_out(self.drop_file_pages)
+        self.residency.page_out()
 
     def __repr__(self) -> str:
         return f"MappedExpert({self.key}, {self.nbytes} bytes)"
@@ -159,7 +152,7 @@ class MappedExpertStore:
 
     def __init__(self, bundle: "Bundle", graphs: PrepackedGraphs | None = None, *,
                  session_factory: Callable[[str], Any] | None = None,
-                 options: Callable[[], Any] | None = None, verify: bool = True, drop_file_pages: bool = False,
+                 options: Callable[[], Any] | None = None, verify: bool = True,
                  progress: Callable[[int, int], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         from edgemoe.offload.sessions import session_factory as default_factory, session_options
@@ -167,7 +160,7 @@ class MappedExpertStore:
         if not mapped_store_supported():
             raise EdgeMoEError("mapped experts need Linux (madvise and /proc/self/maps)")
         self.bundle, self.graphs = bundle, graphs or PrepackedGraphs()
-        self.verify, self.drop_file_pages = verify, drop_file_pages
+        self.verify = verify
         self._counter = LoadCounter(clock)
         self._options = options or session_options
         self._make_session = session_factory or default_factory()
@@ -185,7 +178,7 @@ class MappedExpertStore:
         manifest = self.bundle.manifest
         entries = {key: manifest.expert(key) for key in self.keys()}
         missing = [key for key, entry in entries.items() if not self.graphs.exists(entry.sha256)]
-        paths, sizes = {}, {}
+        paths, sizes, written = {}, {}, 0
         for key, entry in entries.items():
             try:
                 if key in missing and self.verify:
@@ -195,10 +188,12 @@ class MappedExpertStore:
             except EdgeMoEError as exc:
                 raise ExpertLoadError(key, str(exc)) from exc
             except Exception as exc:  # OSError writing the cache, ORT refusing the graph
-                raise ExpertLoadError(key, f"cannot prepare {entry.path} for this machine: {one_line(exc)}") from exc
+                raise PrepareError(key, f"cannot prepare {entry.path} for this machine: {one_line(exc)}") from exc
             paths[key] = path
-            if progress is not None and key in missing:
-                progress(missing.index(key) + 1, len(missing))
+            if key in missing:
+                written += 1
+                if progress is not None:
+                    progress(written, len(missing))
         return paths, sizes
 
     @property
@@ -243,7 +238,7 @@ class MappedExpertStore:
         if residency.nbytes > self._sizes[key]:
             log.warning("expert %s maps %d bytes, more than the %d its budget counts", key, residency.nbytes,
                         self._sizes[key])
-        expert = MappedExpert(key, session, self._sizes[key], residency, self.drop_file_pages)
+        expert = MappedExpert(key, session, self._sizes[key], residency)
         with self._lock:
             self._experts[key] = expert
         return expert

@@ -39,7 +39,7 @@ from edgemoe.runtime.detokenize import TextStream
 from edgemoe.runtime.engine import Engine, splice_positions
 from edgemoe.runtime.moe import MoELayer
 from edgemoe.runtime.providers import (EXPERT_STORES, ProviderCounters, make_provider, open_expert_store,
-                                       provider_counters, resident_sizes)
+                                       provider_counters, resident_sizes, store_kind)
 from edgemoe.runtime.routing import Routers
 from edgemoe.runtime.sampling import Sampler
 from edgemoe.runtime.sessions import configure_process
@@ -98,7 +98,6 @@ class ChatSession:
         self.options, self.image = options, image
         self._context_tokens, self._reserve_turns = context_tokens, max(1, reserve_turns)
         self._prepare_progress = prepare_progress  # experts packed for this CPU on a first run
-        self._store_kind = "sessions"
         self.bundle = Bundle.open(bundle_path)
         manifest = self.bundle.manifest
         self.config = manifest.model_config()
@@ -143,7 +142,6 @@ class ChatSession:
         engine.warm_up()
         store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress)  # before the baseline
         sizes = resident_sizes(store)
-        self._store_kind = "sessions" if sizes is None else "mapped"
         self.budget = plan_budget(self.bundle, opts.memory_budget, opts.expert_budget,
                                   baseline_rss=psutil.Process().memory_info().rss,
                                   kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
@@ -235,7 +233,7 @@ class ChatSession:
             peak_rss_bytes=rss.peak, max_rss_bytes=max_rss_bytes(),
             expert_budget_bytes=self.budget.expert_bytes if self.budget else None,
             policy=self.options.policy if self.budget and self.budget.offloading else "resident",
-            expert_store=self._store_kind,
+            expert_store=store_kind(getattr(self.provider, "store", None)),
             expert_cache_fraction=self.budget.expert_bytes / self.budget.all_expert_bytes
             if self.budget and self.budget.offloading else None)
 

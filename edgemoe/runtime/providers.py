@@ -20,7 +20,7 @@ from typing import Any
 
 from edgemoe.bundle import Bundle
 from edgemoe.offload import POLICIES, OffloadingProvider, OnnxExpertStore, ResidentProvider
-from edgemoe.offload.errors import OffloadError
+from edgemoe.offload.errors import OffloadError, PrepareError
 from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
 from edgemoe.offload.sessions import configure_process, session_factory
 
@@ -38,11 +38,16 @@ def open_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[in
         return OnnxExpertStore(bundle, session_factory())
     try:
         return MappedExpertStore(bundle, progress=progress)
-    except OffloadError as exc:
-        if kind == "mapped" or "cannot prepare" not in str(exc):
+    except PrepareError as exc:
+        if kind == "mapped":
             raise
         log.warning("%s; experts will be loaded as sessions instead", exc)
         return OnnxExpertStore(bundle, session_factory())
+
+
+def store_kind(store: Any) -> str:
+    """How a store pages experts: "mapped" or "sessions" (what generation stats report)."""
+    return "mapped" if isinstance(store, MappedExpertStore) else "sessions"
 
 
 def resident_sizes(store: Any) -> dict | None:
