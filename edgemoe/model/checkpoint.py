@@ -141,7 +141,8 @@ class Checkpoint:
                 f"{directory} has no weights (looked for model.safetensors[.index.json], pytorch_model.bin[.index.json])"
             )
         specs = family_tensors(config, tower.vision)
-        vision_source, vision_prefix = _vision_source(main, config, tower)
+        has_tower_prefix = any(spec.vision for spec in specs.values())
+        vision_source, vision_prefix = _vision_source(main, config, tower) if has_tower_prefix else (main, "")
         located = {}
         for canon, spec in specs.items():
             source, name = (vision_source, vision_prefix + spec.source) if spec.vision else (main, spec.source)
@@ -169,7 +170,7 @@ class Checkpoint:
         x = loc.source.read(loc.name)
         if loc.spec.rows is not None:
             x = x[loc.spec.rows[0]:loc.spec.rows[1]]
-        return np.asarray(x, dtype=np.float32)
+        return np.asarray(x, dtype=np.float32).reshape(loc.spec.shape)
 
     def tensors(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
         """(canonical name, tensor) for every present tensor under `prefix`, one at a time."""
@@ -186,20 +187,23 @@ def _check(canon: str, spec: TensorSpec, source: WeightSource, name: str) -> boo
             raise CheckpointError(f"checkpoint is missing tensor {name} (canonical {canon})")
         return False
     rows = spec.rows
-    want = spec.shape if rows is None else None
+    want = spec.disk_shape if rows is None else None
     if rows is not None:
         ok = len(shape) == len(spec.shape) and shape[0] >= rows[1] and tuple(shape[1:]) == spec.shape[1:]
     else:
         ok = tuple(shape) == want
     if not ok:
-        raise CheckpointError(f"tensor {name} has shape {list(shape)}, expected {list(spec.shape)}"
+        raise CheckpointError(f"tensor {name} has shape {list(shape)}, expected {list(spec.disk_shape)}"
                               + (f" (rows {rows[0]}:{rows[1]})" if rows else ""))
     return True
 
 
 def _vision_source(main: WeightSource, config: ModelConfig, tower: TowerSpec) -> tuple[WeightSource, str]:
-    """The main checkpoint when it holds the tower's weights, else the tower directory."""
-    prefix = VISION_PREFIX[config.family]
+    """The main checkpoint when it holds the tower's weights, else the tower directory. Families
+    without a separate tower prefix (their tower names are full on-disk names) read the main one."""
+    prefix = VISION_PREFIX.get(config.family)
+    if prefix is None:
+        return main, ""
     probe = "embeddings.patch_embedding.weight"
     if main.shape(prefix + probe) is not None:
         return main, prefix

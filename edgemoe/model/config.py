@@ -16,24 +16,57 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.errors import ConfigError
+from edgemoe.families import MODEL_TYPES as FAMILY_MODEL_TYPES
+from edgemoe.families import family_module
+from edgemoe.model.routing_rule import RoutingRule, deepspeed_top_k
 from edgemoe.model.towers import TowerSpec, resolve_tower
 
-FAMILIES = {"moe_llava_stablelm": "stablelm", "moe_llava_qwen": "qwen", "moe_llava_phi": "phi"}
+FAMILIES = {"moe_llava_stablelm": "stablelm", "moe_llava_qwen": "qwen", "moe_llava_phi": "phi",
+            **FAMILY_MODEL_TYPES}
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Which decoder layers are MoE, how many experts each has, and how many are chosen per token."""
+    """Which decoder layers are MoE, how many experts each has, and how tokens are routed to them."""
 
     layers: tuple[int, ...]
     num_experts: tuple[int, ...]  # one entry per MoE layer, as config.json's moe.num_experts
     top_k: int = 2
+    rule: RoutingRule | None = None  # None: MoE-LLaVA's DeepSpeed top-k (deepspeed_top_k(top_k))
+    expert_intermediate: int = 0  # width of one routed expert; 0: the model's intermediate_size
+    shared_intermediate: int = 0  # width of the always-on shared experts' fused MLP; 0: none
+
+    @property
+    def routing(self) -> RoutingRule:
+        return self.rule if self.rule is not None else deepspeed_top_k(self.top_k)
 
     def experts_in(self, layer: int) -> int:
         return self.num_experts[self.layers.index(layer)]
 
     def is_moe(self, layer: int) -> bool:
         return layer in self.layers
+
+    @classmethod
+    def from_dict(cls, m: dict[str, Any]) -> "MoEConfig":
+        rule = m.get("rule")
+        return cls(tuple(m["layers"]), tuple(m["num_experts"]), int(m["top_k"]),
+                   None if rule is None else RoutingRule.from_dict(rule),
+                   int(m.get("expert_intermediate", 0)), int(m.get("shared_intermediate", 0)))
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2): queries and a compressed, shared key/value latent."""
+
+    kv_lora_rank: int  # latent width cached per position (plus qk_rope_head_dim for the shared rope key)
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None  # None: q_proj straight from the hidden state
+
+    @property
+    def q_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -70,11 +103,18 @@ class ModelConfig:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
+    mla: MLAConfig | None = None  # None: multi-head (GQA-ready) attention with q/k/v/o
+    candidate_resolutions: tuple[tuple[int, int], ...] = ()  # tiled image layouts (W, H), tile_2d only
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def model_type(self) -> str:
-        return f"moe_llava_{self.family}"
+        module = family_module(self.family)
+        return module.MODEL_TYPE if module is not None else f"moe_llava_{self.family}"
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe.expert_intermediate or self.intermediate_size
 
     @property
     def dense_layers(self) -> tuple[int, ...]:
@@ -88,8 +128,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "raw"}
-        m = d["moe"]
-        d["moe"] = MoEConfig(tuple(m["layers"]), tuple(m["num_experts"]), int(m["top_k"]))
+        d["moe"] = MoEConfig.from_dict(d["moe"])
+        if d.get("mla") is not None:
+            d["mla"] = MLAConfig(**d["mla"])
+        d["candidate_resolutions"] = tuple(tuple(int(v) for v in r) for r in d.get("candidate_resolutions", ()))
         return cls(**d)
 
 
@@ -171,6 +213,9 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         known = ", ".join(sorted(FAMILIES))
         raise ConfigError(f"unsupported model_type {model_type!r}: edgemoe reads {known}")
     family = FAMILIES[model_type]
+    module = family_module(family)
+    if module is not None:
+        return module.parse_config(raw)
     fields = _family_fields(family, raw)
     if fields["rotary_dim"] % 2 or fields["rotary_dim"] > fields["head_dim"]:
         raise ConfigError(f"rotary dims {fields['rotary_dim']} invalid for head_dim {fields['head_dim']}")
@@ -210,7 +255,8 @@ def load_config(checkpoint_dir: Path) -> tuple[ModelConfig, TowerSpec]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} is not a JSON object")
     config = parse_config(raw)
-    tower = resolve_tower(config.mm_image_tower, checkpoint_dir)
+    module = family_module(config.family)
+    tower = module.tower_spec(raw) if module is not None else resolve_tower(config.mm_image_tower, checkpoint_dir)
     if tower.vision.hidden_size != config.mm_hidden_size:
         raise ConfigError(
             f"mm_hidden_size {config.mm_hidden_size} != vision tower hidden size {tower.vision.hidden_size}"

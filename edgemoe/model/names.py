@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgemoe.families import family_module
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.towers import VisionTowerConfig
 
@@ -43,6 +44,12 @@ class TensorSpec:
     rows: tuple[int, int] | None = None  # slice of the source's first dim (fused tensors)
     required: bool = True
     vision: bool = False  # lives under the vision prefix (main checkpoint or tower directory)
+    source_shape: tuple[int, ...] | None = None  # on-disk shape when it differs (timm's [1, N, D] pos_embed)
+    used: bool = True  # False: on disk and counted, but nothing computes with it (SigLIP's unused pooling head)
+
+    @property
+    def disk_shape(self) -> tuple[int, ...]:
+        return self.source_shape if self.source_shape is not None else self.shape
 
 
 # Per family: canonical leaf -> on-disk leaf, inside a decoder layer.
@@ -163,6 +170,9 @@ def _vision(b: _Builder, v: VisionTowerConfig) -> None:
 
 def family_tensors(cfg: ModelConfig, vision: VisionTowerConfig | None) -> dict[str, TensorSpec]:
     """Every canonical tensor of the model, with its on-disk source and expected shape."""
+    module = family_module(cfg.family)
+    if module is not None:
+        return module.tensors(cfg, vision)
     top = _TOP_NAMES[cfg.family]
     b = _Builder()
     b.specs["embed.weight"] = TensorSpec(f"{top['embed']}.weight", (cfg.vocab_size, cfg.hidden_size))

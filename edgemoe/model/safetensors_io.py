@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,9 @@ def _as_storage(x: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype={"F32": np.float32, "F16": np.float16}.get(dtype, x.dtype))
 
 
+ShardNameFn = Callable[[str, int, int], str]  # (prefix, shard index from 0, shard count) -> file name
+
+
 class ShardedWriter:
     """Streams tensors, in a planned order, into shards of at most `shard_bytes` plus HF's index.
 
@@ -135,7 +139,8 @@ class ShardedWriter:
 
     def __init__(self, directory: Path, plan: list[tuple[str, tuple[int, ...], str]],
                  shard_bytes: int = 5 * 10**9, prefix: str = "model",
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, shard_name: ShardNameFn | None = None,
+                 always_index: bool = False) -> None:
         self.directory = directory
         self.metadata = metadata  # the header's "__metadata__" (HF writes {"format": "pt"})
         self.shards: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
@@ -148,8 +153,12 @@ class ShardedWriter:
             self.shards[-1].append((name, dtype, tuple(shape), nbytes))
             size += nbytes
         n = len(self.shards)
-        self.files = [f"{prefix}.safetensors"] if n == 1 else \
-            [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.always_index = always_index
+        if shard_name is not None:  # a family's own naming (DeepSeek-VL2: -00001-of-000001, always indexed)
+            self.files = [shard_name(prefix, i, n) for i in range(n)]
+        else:
+            self.files = [f"{prefix}.safetensors"] if n == 1 else \
+                [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.total_size = sum(e[3] for shard in self.shards for e in shard)
         self.prefix = prefix
         self._order = [(i, e) for i, shard in enumerate(self.shards) for e in shard]
@@ -208,7 +217,7 @@ class ShardedWriter:
             raise ValueError(f"writer closed after {self._next} of {len(self._order)} planned tensors")
         if self._out is not None:
             self._out.close()
-        if len(self.files) > 1:
+        if len(self.files) > 1 or self.always_index:
             weight_map = {e[0]: self.files[i] for i, shard in enumerate(self.shards) for e in shard}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
             text = json.dumps(index, indent=2) + "\n"

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgemoe.model.config import ModelConfig
+from edgemoe.model.routing_rule import RoutingRule, deepspeed_top_k
 from edgemoe.reference.layers import MLP
 
 
@@ -57,8 +58,45 @@ def gumbel_noise(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
     return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - torch.finfo(torch.float32).eps)))
 
 
+def _first_max_top_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, E] -> [N, K] indices, best first, ties to the lower index (torch.topk leaves ties unordered)."""
+    taken = torch.zeros_like(score, dtype=torch.bool)
+    chosen = []
+    for _ in range(k):
+        pick = score.masked_fill(taken, float("-inf")).argmax(dim=-1)  # [N], first maximum on ties
+        taken = taken | F.one_hot(pick, score.shape[-1]).bool()
+        chosen.append(pick)
+    return torch.stack(chosen, dim=-1)
+
+
+def gate(logits: torch.Tensor, rule: RoutingRule, bias: torch.Tensor | None = None) -> Routing:
+    """Router logits [N, E] -> Routing under `rule` (edgemoe.model.routing_rule), in fp32."""
+    logits = logits.float()
+    rule.check_experts(logits.shape[-1])
+    probs = torch.softmax(logits, dim=-1) if rule.scoring == "softmax" else torch.sigmoid(logits)  # [N, E]
+    choice = probs + bias.float() if (bias is not None and rule.uses_bias) else probs
+    if rule.grouped:
+        n, e = choice.shape
+        groups = choice.view(n, rule.n_group, e // rule.n_group)  # [N, G, E/G]
+        if rule.method == "noaux_tc":
+            group_score = groups.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+        else:
+            group_score = groups.max(dim=-1).values
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, _first_max_top_k(group_score, rule.topk_group), True)
+        keep = keep.repeat_interleave(e // rule.n_group, dim=1)  # [N, E]
+        choice = choice.masked_fill(~keep, 0.0)
+    experts = _first_max_top_k(choice, rule.top_k)  # [N, K]
+    weights = probs.gather(-1, experts)  # [N, K]
+    if rule.renormalises():
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / (total.clamp(min=torch.finfo(torch.float32).eps) if rule.renorm == "clamp_eps"
+                             else total + 1e-20)
+    return Routing(experts, weights * rule.routed_scaling_factor, probs)
+
+
 def top_k_gating(logits: torch.Tensor, k: int, generator: torch.Generator | None = None) -> Routing:
-    """The routing rule (module docstring). logits [N, E] fp32 -> Routing.
+    """MoE-LLaVA's routing rule (module docstring). logits [N, E] fp32 -> Routing.
 
     With `generator`, experts after the first are chosen by argmax(logits + Gumbel noise) over the
     experts not yet chosen, as upstream's DeepSpeed does; the weights are still the renormalised
@@ -68,12 +106,14 @@ def top_k_gating(logits: torch.Tensor, k: int, generator: torch.Generator | None
     num_experts = logits.shape[-1]
     if not 1 <= k <= num_experts:
         raise ValueError(f"cannot choose {k} of {num_experts} experts")
+    if generator is None:
+        return gate(logits, deepspeed_top_k(k))
     probs = torch.softmax(logits, dim=-1)  # [N, E]
-    noisy = None if generator is None else logits + gumbel_noise(logits.shape, generator)
+    noisy = logits + gumbel_noise(logits.shape, generator)
     taken = torch.zeros_like(probs, dtype=torch.bool)
     chosen = []
     for i in range(k):
-        score = probs if (i == 0 or noisy is None) else noisy
+        score = probs if i == 0 else noisy
         pick = score.masked_fill(taken, float("-inf")).argmax(dim=-1)  # [N], first maximum on ties
         taken = taken | F.one_hot(pick, num_experts).bool()
         chosen.append(pick)
