@@ -55,6 +55,22 @@ def _billions(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n:,}"
 
 
+def _experts_line(report: dict[str, Any]) -> str:
+    counts = ", ".join(map(str, sorted(set(report["experts_per_layer"]))))
+    line = f"{counts} routed per MoE layer, top-{report['top_k']}"
+    if report.get("shared_expert_params"):
+        line += f", plus shared experts ({report['shared_expert_params']:,} params, always on)"
+    dense = report.get("dense_layers") or ()
+    if dense:
+        line += f"; dense layer(s) {', '.join(map(str, dense))}"
+    return line
+
+
+def _image_tokens(report: dict[str, Any]) -> str:
+    most = report.get("max_image_tokens", 0)
+    return f"{report['image_tokens']}..{most} (tiled)" if most else str(report["image_tokens"])
+
+
 def render_inspection(report: dict[str, Any], console: Console) -> None:
     if report.get("kind") == "bundle":
         from edgemoe.export.bundle_report import render_bundle  # noqa: PLC0415
@@ -70,12 +86,16 @@ def render_inspection(report: dict[str, Any], console: Console) -> None:
         ("family", report["family"]),
         ("decoder layers", f"{report['num_layers']} (hidden {report['hidden_size']}, ffn {report['intermediate_size']})"),
         ("MoE layers", f"{len(moe)}: {', '.join(map(str, moe))}"),
-        ("experts", f"{', '.join(map(str, sorted(set(report['experts_per_layer']))))} per MoE layer, top-{report['top_k']}"),
-        ("LLM parameters", f"{_billions(report['total_params'])} total, {_billions(report['active_params'])} active"),
+        ("experts", _experts_line(report)),
+        ("routing", report.get("routing") or f"top-{report['top_k']}"),
+        ("attention", report.get("attention", "mha")),
+        ("parameters", f"{report.get('all_params', 0):,} in all (LLM, vision tower, projector)"),
+        ("LLM parameters", f"{_billions(report['total_params'])} total, {_billions(report['active_params'])} active, "
+                           f"{_billions(report.get('token_params', 0))} read per decoded token"),
         ("one expert", f"{e['params']:,} params: fp16 {human_bytes(e['fp16_bytes'])}, "
                        f"int8 {human_bytes(e['int8_bytes'])}, int4 {human_bytes(e['int4_bytes'])}"),
         ("vision tower", f"{report['vision_tower']} ({report['vision_kind']}, {_billions(report['vision_params'])}, "
-                         f"{report['image_tokens']} image tokens)"),
+                         f"{_image_tokens(report)} image tokens)"),
         ("weights on disk", f"{len(report['weight_files'])} file(s), {human_bytes(report['weight_bytes'])}"),
     ]
     for k, v in rows:

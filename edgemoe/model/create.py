@@ -17,6 +17,7 @@ interrupt. An existing non-empty `out_dir` is refused unless `overwrite=True`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -30,12 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.errors import CheckpointError, ConfigError
+from edgemoe.families import GENERATED_FAMILIES, GeneratedFamily, family_module
 from edgemoe.model.config import ModelConfig, parse_config
 from edgemoe.model.family_templates import (FAMILIES, FULL_DIMS, FULL_TOWER_NAMES, SIZES, TINY_DIMS, TINY_TOWERS,
                                             TOWERS, TokenIds, check_choice, dump_json, generation_config_json,
                                             model_config_json)
 from edgemoe.model.names import TOWER_DIR_PREFIX, VISION_PREFIX, TensorSpec, family_tensors
-from edgemoe.model.safetensors_io import ShardedWriter, bf16_to_f32, f32_to_bf16
+from edgemoe.model.safetensors_io import ShardedWriter, ShardNameFn, bf16_to_f32, f32_to_bf16
 from edgemoe.model.tokenizer_files import TokenizerInfo, write_tokenizer_files
 from edgemoe.model.towers import BUILTIN_TOWERS, VisionTowerConfig, write_tower_directory
 from edgemoe.model.weight_init import WeightInit
@@ -87,15 +89,24 @@ def create_checkpoint(out_dir: Path | str, family: str, size: str, *, seed: int 
     shard_bytes: shard limit (default 5 GB safetensors, 10 GB bin). Same seed -> identical bytes.
     """
     tower = tower or "clip"
-    _check_options(family, size, tower, weights_format, tower_weights)
+    generated = GENERATED_FAMILIES.get(family)
+    if generated is None:
+        _check_options(family, size, tower, weights_format, tower_weights)
+    else:
+        check_choice("size", size, SIZES)
+        if weights_format != "safetensors" or tower_weights != "checkpoint":
+            raise ConfigError(f"{family} checkpoints are bf16 safetensors with the tower inside")
     out_dir = Path(out_dir)
     _check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     tmp.mkdir()  # a sibling: the final rename stays on one filesystem
     try:
-        num_tensors = _write_checkpoint(tmp, family, size, seed, tower, weights_format, tower_weights,
-                                        shard_bytes, progress)
+        if generated is None:
+            num_tensors = _write_checkpoint(tmp, family, size, seed, tower, weights_format, tower_weights,
+                                            shard_bytes, progress)
+        else:
+            num_tensors = _write_family_checkpoint(tmp, generated, size, seed, shard_bytes, progress)
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException:  # KeyboardInterrupt included: never leave a half-written checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,7 +118,7 @@ def create_checkpoint(out_dir: Path | str, family: str, size: str, *, seed: int 
 
 
 def _check_options(family: str, size: str, tower: str, weights_format: str, tower_weights: str) -> None:
-    check_choice("family", family, FAMILIES)
+    check_choice("family", family, FAMILIES + tuple(GENERATED_FAMILIES))
     check_choice("size", size, SIZES)
     check_choice("tower", tower, TOWERS)
     check_choice("weights_format", weights_format, ("safetensors", "bin"))
@@ -158,6 +169,21 @@ def _write_checkpoint(directory: Path, family: str, size: str, seed: int, tower:
     return len(main) + len(in_tower)
 
 
+def _write_family_checkpoint(directory: Path, generated: GeneratedFamily, size: str, seed: int,
+                             shard_bytes: int | None, progress: ProgressFn | None) -> int:
+    """A registry family: its own files module writes configs and tokenizer; weights as for any family."""
+    module = family_module(generated.family)
+    files = importlib.import_module(generated.files_module)
+    raw, info = files.write_checkpoint_files(directory, generated.variant, size)
+    config, tower = parse_config(raw), module.tower_spec(raw)
+    init = WeightInit(config, tower.vision, seed, successor_ids(info), info.len_tokenizer)
+    main, _ = plan_tensors(config, tower.vision)
+    meter = _Progress(progress, sum(t.elements for t in main) * 2)
+    _write_safetensors(directory, main, init, "BF16", shard_bytes or generated.shard_bytes, meter,
+                       shard_name=generated.shard_name, always_index=True)
+    return len(main)
+
+
 def successor_ids(info: TokenizerInfo) -> list[int]:
     """Ordinary tokens (the base vocabulary less eos/pad/bos): the ids greedy output cycles through."""
     special = {info.eos_token_id, info.pad_token_id, info.bos_token_id}
@@ -203,7 +229,7 @@ def plan_tensors(config: ModelConfig, vision: VisionTowerConfig | None,
         parts.sort(key=lambda p: (p[1].rows or (0, 0))[0])
         spec = parts[0][1]
         rows = sum(p[1].shape[0] for p in parts)
-        shape = (rows, *spec.shape[1:]) if spec.rows else spec.shape
+        shape = (rows, *spec.shape[1:]) if spec.rows else spec.disk_shape
         canon = tuple(c for c, _ in parts)
         if spec.vision:
             if tower_in_checkpoint:
@@ -212,13 +238,7 @@ def plan_tensors(config: ModelConfig, vision: VisionTowerConfig | None,
                 tower.append(DiskTensor(TOWER_DIR_PREFIX + spec.source, shape, canon))
         else:
             main.append(DiskTensor(spec.source, shape, canon))
-    main.sort(key=lambda t: _state_dict_rank(t.parts[0]))  # stable: family_tensors order within groups
-    return main, tower
-
-
-def _state_dict_rank(canonical: str) -> int:
-    head = canonical.split(".", 1)[0]
-    return {"embed": 0, "layers": 1, "final_norm": 2, "vision": 3, "projector": 4, "lm_head": 5}[head]
+    return main, tower  # family_tensors lists tensors in the published state-dict order
 
 
 # ---- weight files ----------------------------------------------------------------------------------
@@ -235,17 +255,18 @@ class _Progress:
 
 
 def _blocks(t: DiskTensor, init: WeightInit) -> Iterator[np.ndarray]:
-    if len(t.parts) == 1:
+    if len(t.parts) == 1 and init.shapes[t.parts[0]] == t.shape:
         yield from init.blocks(t.parts[0])
-    else:  # fused (Qwen's c_attn): the row slices, stacked q | k | v
-        yield np.concatenate([init.tensor(c) for c in t.parts], axis=0)
+    else:  # fused (Qwen's c_attn, timm's qkv): the row slices, stacked q | k | v; or reshaped (pos_embed)
+        yield np.concatenate([init.tensor(c) for c in t.parts], axis=0).reshape(t.shape)
 
 
 def _write_safetensors(directory: Path, tensors: list[DiskTensor], init: WeightInit, dtype: str,
-                       shard_bytes: int, meter: _Progress) -> None:
+                       shard_bytes: int, meter: _Progress, shard_name: ShardNameFn | None = None,
+                       always_index: bool = False) -> None:
     itemsize = 2 if dtype == "BF16" else 4
     writer = ShardedWriter(directory, [(t.name, t.shape, dtype) for t in tensors], shard_bytes,
-                           metadata=ST_METADATA)
+                           metadata=ST_METADATA, shard_name=shard_name, always_index=always_index)
     try:
         for t in tensors:
             for block in _blocks(t, init):

@@ -179,12 +179,12 @@ def family_tensors(cfg: ModelConfig, vision: VisionTowerConfig | None) -> dict[s
     for n in range(cfg.num_layers):
         _decoder_layer(b, cfg, n)
     b.norm("final_norm", top["final_norm"], cfg.hidden_size, cfg.norm == "layernorm")
-    if not cfg.tie_word_embeddings:
-        b.linear("lm_head", top["lm_head"], cfg.vocab_size, cfg.hidden_size, cfg.lm_head_bias)
+    if vision is not None:  # the published state-dict order: ..., final norm, tower, projector, lm_head
+        _vision(b, vision)
     b.linear("projector.0", f"{top['projector']}.0", cfg.hidden_size, cfg.mm_hidden_size, True)
     b.linear("projector.2", f"{top['projector']}.2", cfg.hidden_size, cfg.hidden_size, True)
-    if vision is not None:
-        _vision(b, vision)
+    if not cfg.tie_word_embeddings:
+        b.linear("lm_head", top["lm_head"], cfg.vocab_size, cfg.hidden_size, cfg.lm_head_bias)
     return b.specs
 
 

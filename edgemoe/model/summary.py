@@ -16,6 +16,8 @@ from typing import Any
 
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.names import family_tensors, is_llm_tensor
+from edgemoe.model.tiling import image_token_count as tiled_token_count
+from edgemoe.model.tiling import tokens_per_side
 from edgemoe.model.towers import TowerSpec
 
 # 4-bit experts are stored as MatMulNBits blocks: 128 weights share one fp32 scale (symmetric).
@@ -50,8 +52,15 @@ class ModelSummary:
     vision_tower: str
     vision_kind: str
     vision_params: int
-    image_tokens: int
+    image_tokens: int  # one image (tiled layouts: the smallest, one local tile)
     projector_params: int
+    all_params: int = 0  # every tensor on disk: LLM, tower (unused parts too), projector
+    token_params: int = 0  # LLM parameters one decoded token reads: active, with one embedding row
+    shared_expert_params: int = 0  # per MoE layer, always on
+    dense_layers: tuple[int, ...] = ()
+    attention: str = "mha"  # "mha" (q/k/v/o, grouped when kv heads < heads) | "mla" (latent KV)
+    routing: str = ""
+    max_image_tokens: int = 0  # tiled layouts: the largest candidate grid
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,14 +84,29 @@ def expert_size(params: int, matrices: list[tuple[int, ...]]) -> ExpertSize:
     )
 
 
-def image_token_count(config: ModelConfig, tower: TowerSpec) -> int:
-    """Image tokens spliced into the prompt: patches (+CLS for CLIP) minus the dropped first one."""
-    return tower.vision.num_positions - 1
+def image_token_count(config: ModelConfig, tower: TowerSpec, grid: tuple[int, int] = (1, 1)) -> int:
+    """Image tokens spliced into the prompt. MoE-LLaVA: patches (+CLS for CLIP) minus the dropped
+    first one. Tiled layouts: global view + separator + `grid` (rows, cols) of local tiles."""
+    if config.image_aspect_ratio != "tile_2d":
+        return tower.vision.num_positions - 1
+    side = tokens_per_side(tower.vision.image_size, tower.vision.patch_size)
+    return tiled_token_count(side, *grid)
+
+
+def _routing_text(config: ModelConfig) -> str:
+    r = config.moe.routing
+    text = f"{r.scoring}, {r.method}, top-{r.top_k}"
+    if r.renorm != "none":
+        text += ", renormalised"
+    if r.routed_scaling_factor != 1.0:
+        text += f", x{r.routed_scaling_factor:g}"
+    return text
 
 
 def summarize_checkpoint(config: ModelConfig, tower: TowerSpec) -> ModelSummary:
     specs = family_tensors(config, tower.vision)
     total = active = expert_total = 0
+    all_params = sum(_numel(s.shape) for s in specs.values() if s.required)
     for name, spec in specs.items():
         if not is_llm_tensor(name) or not spec.required:
             continue
@@ -99,9 +123,15 @@ def summarize_checkpoint(config: ModelConfig, tower: TowerSpec) -> ModelSummary:
     active += sum(config.moe.top_k * per_expert for _ in config.moe.layers)
     vision = sum(_numel(s.shape) for k, s in specs.items() if k.startswith("vision.") and s.required)
     projector = sum(_numel(s.shape) for k, s in specs.items() if k.startswith("projector."))
+    shared = sum(_numel(s.shape) for k, s in specs.items() if k.startswith(f"layers.{first}.shared."))
+    grids = [(h // tower.vision.image_size, w // tower.vision.image_size) for w, h in config.candidate_resolutions]
     return ModelSummary(
+        all_params=all_params, token_params=active - (config.vocab_size - 1) * config.hidden_size,
+        shared_expert_params=shared, dense_layers=config.dense_layers,
+        attention="mla" if config.mla is not None else "mha", routing=_routing_text(config),
+        max_image_tokens=max((image_token_count(config, tower, g) for g in grids), default=0),
         family=config.family, model_type=config.model_type, num_layers=config.num_layers,
-        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        hidden_size=config.hidden_size, intermediate_size=config.expert_intermediate_size,
         moe_layers=config.moe.layers, experts_per_layer=config.moe.num_experts, top_k=config.moe.top_k,
         total_params=total, active_params=active, expert_params_total=expert_total,
         expert=expert_size(per_expert, [s for s in one if len(s) == 2] + [s for s in one if len(s) == 1]),

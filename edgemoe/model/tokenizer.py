@@ -64,13 +64,14 @@ TIKTOKEN_SPECS = {
     "stablelm": TiktokenSpec("arcade100k.tiktoken", "arcade100k", ARCADE100K_SPECIALS, 1),
     "qwen": TiktokenSpec("qwen.tiktoken", "qwen", QWEN_SPECIALS, 0),
 }
-FAMILIES = ("stablelm", "qwen", "phi")
+FAMILIES = ("stablelm", "qwen", "phi", "deepseek_vl2")
 # (eos, pad, bos) when the JSON files name none, as the real repos set them. Upstream pads Phi-2
 # with unk, which CodeGen sets to <|endoftext|>; Qwen names a bos it never prepends.
 DEFAULT_ROLES: dict[str, tuple[str, str | None, str | None]] = {
     "stablelm": (ENDOFTEXT, "<|reg0|>", None),
     "qwen": (ENDOFTEXT, "<|extra_0|>", "<|extra_1|>"),
     "phi": (ENDOFTEXT, ENDOFTEXT, None),
+    "deepseek_vl2": ("<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>"),
 }
 PHI_FILES = ("vocab.json", "merges.txt")
 

@@ -50,7 +50,12 @@ BIAS_STD = 0.02  # linear biases: present and visible, but small
 POSITION_STD = 0.5  # vision position embeddings: patch content stays the larger signal
 BLOCK_ELEMENTS = 1 << 23  # rows per block are chosen to keep a block near 32 MB of float32
 
-_IN_PROJ = {"q", "k", "v", "gate", "up", "q_proj", "k_proj", "v_proj", "fc1", "patch_embedding", "0", "2"}
+UNUSED_STD = 0.02  # tensors on disk that nothing computes with (SigLIP's pooling head in DeepSeek-VL2)
+TAG_STD = 1.0  # DeepSeek-VL2's image_newline / view_separator embeddings: as strong as an image token
+
+_IN_PROJ = {"q", "k", "v", "gate", "up", "q_proj", "k_proj", "v_proj", "fc1", "patch_embedding", "0", "2",
+            "kv_a", "kv_b"}
+_TAGS = {"image_newline", "view_separator"}
 _OUT_PROJ = {"o", "down", "out_proj", "fc2"}
 
 
@@ -75,7 +80,9 @@ class WeightInit:
             raise ValueError("successor ids must be >= 2 ids below len(tokenizer) <= vocab_size")
         self.config, self.vision, self.seed = config, vision, seed
         self.len_tokenizer = len_tokenizer
-        self.shapes = {c: s.shape for c, s in family_tensors(config, vision).items()}
+        specs = family_tensors(config, vision)
+        self.shapes = {c: s.shape for c, s in specs.items()}
+        self.used = {c: s.used for c, s in specs.items()}
         self.successor = self._successor_map(np.asarray(successor_ids, dtype=np.int64))  # -1: none
         self._lm_head_rows: np.ndarray | None = None
 
@@ -94,8 +101,12 @@ class WeightInit:
         parts = canonical.split(".")
         module, leaf = parts[-2], parts[-1]
         vision = canonical.startswith("vision.")
+        if not self.used[canonical]:
+            return Normal(0.0, UNUSED_STD)
         if canonical == "embed.weight":
             return Normal(0.0, EMBED_STD)  # then each row is rescaled to norm EMBED_STD * sqrt(H)
+        if leaf in _TAGS:
+            return Normal(0.0, TAG_STD)
         if leaf == "class_embedding":
             return Normal(0.0, EMBED_STD)
         if module == "position_embedding":
