@@ -22,7 +22,8 @@ from torch import nn
 
 from edgemoe.model.config import ModelConfig
 from edgemoe.reference.layers import MLP, Attention, Norm
-from edgemoe.reference.moe import MoELayer, Routing, router_logits, top_k_gating
+from edgemoe.reference.mla import LatentAttention
+from edgemoe.reference.moe import MoELayer, Routing
 
 
 class DecoderLayer(nn.Module):
@@ -33,7 +34,7 @@ class DecoderLayer(nn.Module):
         self.index = index
         self.parallel = cfg.parallel_block
         self.attn_norm = Norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = LatentAttention(cfg) if cfg.mla is not None else Attention(cfg)
         self.mlp_norm = None if cfg.parallel_block else Norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         if cfg.moe.is_moe(index):
             self.moe, self.mlp = MoELayer(cfg, cfg.moe.experts_in(index)), None
@@ -102,6 +103,5 @@ class RouterStage(nn.Module):
         self.eval()
 
     def forward(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        moe = self.layer.moe
-        routing = top_k_gating(router_logits(m, moe.router.weight), moe.top_k)
+        routing = self.layer.moe.route(m)
         return routing.experts, routing.weights

@@ -60,7 +60,7 @@ def module_key(canonical: str) -> str:
         if canonical.startswith(prefix):
             return into + canonical[len(prefix):]
     parts = canonical.split(".")
-    if parts[0] == "layers" and len(parts) > 2 and parts[2] in ("router", "experts"):
+    if parts[0] == "layers" and len(parts) > 2 and parts[2] in ("router", "experts", "shared"):
         return ".".join(parts[:2] + ["moe"] + parts[2:])
     return canonical
 
@@ -154,6 +154,14 @@ class ReferenceModel(nn.Module):
         if self.vision is None:
             raise CheckpointError("this reference model was built without a vision tower")
         return self.projector(self.vision(pixels.to(self.dtype)))
+
+    def encode_tiles(self, pixels: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """One tiled image (tile_2d layout): pixels [1 + rows*cols, 3, S, S], global view first ->
+        its prompt tokens [N, H] (global grid, separator, local grid, newlines after each row)."""
+        if self.vision is None:
+            raise CheckpointError("this reference model was built without a vision tower")
+        tiles = self.projector(self.vision(pixels.to(self.dtype)))
+        return self.projector.arrange(tiles, rows, cols)
 
     def embed(self, ids: torch.Tensor | Sequence[int],
               image_features: torch.Tensor | Sequence[torch.Tensor] | None = None) -> SplicedPrompt:

@@ -1,4 +1,7 @@
-"""A MoE-LLaVA MoE layer: router -> top-k gating -> dispatch -> experts -> combine.
+"""A MoE layer: router -> gating -> dispatch -> experts -> combine (+ always-on shared experts).
+
+`gate(logits, rule, bias)` implements every `RoutingRule` (edgemoe.model.routing_rule); the rest of
+this docstring describes MoE-LLaVA's rule, `top_k_gating`.
 
 Contract: `top_k_gating(logits, k)` is the routing rule every implementation (reference, exported
 graphs, runtime) must reproduce, and `MoELayer.route(x)` returns it as a `Routing` (expert indices
@@ -125,14 +128,31 @@ def top_k_gating(logits: torch.Tensor, k: int, generator: torch.Generator | None
     return Routing(experts, weights, probs)
 
 
+class Router(nn.Module):
+    """Router weight [E, H] (no bias in the logits) and, for noaux_tc, the choice-only correction bias [E]."""
+
+    def __init__(self, hidden: int, num_experts: int, correction_bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if correction_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, E] fp32
+        return router_logits(x, self.weight)
+
+
 class MoELayer(nn.Module):
-    """Router `router` [E, H] and experts `experts.K`; y = sum over chosen experts of w_e * expert_e(x)."""
+    """Router `router` [E, H], experts `experts.K` and, where the family has them, always-on `shared`
+    experts (one fused MLP); y = sum over chosen experts of w_e * expert_e(x) (+ shared(x))."""
 
     def __init__(self, cfg: ModelConfig, num_experts: int) -> None:
         super().__init__()
-        self.top_k = cfg.moe.top_k
-        self.router = nn.Linear(cfg.hidden_size, num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP.for_config(cfg) for _ in range(num_experts))
+        self.rule = cfg.moe.routing
+        self.top_k = self.rule.top_k
+        self.router = Router(cfg.hidden_size, num_experts, self.rule.uses_bias)
+        width = cfg.expert_intermediate_size
+        self.experts = nn.ModuleList(MLP(cfg.mlp_act, cfg.hidden_size, width, cfg.mlp_bias) for _ in range(num_experts))
+        shared = cfg.moe.shared_intermediate
+        self.shared = MLP(cfg.mlp_act, cfg.hidden_size, shared, cfg.mlp_bias) if shared else None
         # Set to a seeded generator for upstream's Gumbel second-expert mode; None = deterministic.
         self.generator: torch.Generator | None = None
 
@@ -143,7 +163,10 @@ class MoELayer(nn.Module):
     def route(self, x: torch.Tensor) -> Routing:
         """x [..., H] -> Routing over its tokens, flattened in row-major order."""
         flat = x.reshape(-1, x.shape[-1])
-        return top_k_gating(router_logits(flat, self.router.weight), self.top_k, self.generator)
+        logits = self.router(flat)
+        if self.generator is not None:  # MoE-LLaVA's upstream mode, for parity studies only
+            return top_k_gating(logits, self.top_k, self.generator)
+        return gate(logits, self.rule, self.router.bias)
 
     def forward_routed(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """x [..., H] -> (y [..., H], the Routing used)."""
@@ -158,6 +181,8 @@ class MoELayer(nn.Module):
                 continue
             y = expert(flat[token]).float()  # [n_e, H]
             out.index_add_(0, token, y * weights[token, slot, None])
+        if self.shared is not None:
+            out = out + self.shared(flat).float()
         return out.to(x.dtype).reshape(x.shape), routing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""CLIP and SigLIP vision transformers, as far as MoE-LLaVA's image features need them.
+"""CLIP and SigLIP vision transformers, as far as MoE-LLaVA's and DeepSeek-VL2's image features need them.
+
+select_feature "full_normed" (DeepSeek-VL2) is HF's `last_hidden_state`: every layer, then
+`post_layernorm`, all tokens. The rest of this docstring is MoE-LLaVA's selection.
 
 Contract: `VisionTower(tower, select_layer, select_feature)(pixels)` returns upstream's image
 features: `hidden_states[select_layer]` of HF's CLIPVisionModel / SiglipVisionModel (index 0 is the
@@ -121,13 +124,17 @@ class VisionTower(nn.Module):
 
     def __init__(self, v: VisionTowerConfig, select_layer: int = -2, select_feature: str = "patch") -> None:
         super().__init__()
-        if select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"mm_vision_select_feature {select_feature!r} is not supported (patch, cls_patch)")
+        if select_feature not in ("patch", "cls_patch", "full_normed"):
+            raise ValueError(f"mm_vision_select_feature {select_feature!r} is not supported "
+                             "(patch, cls_patch, full_normed)")
         self.config, self.select_feature = v, select_feature
         self.embeddings = VisionEmbeddings(v)
         # CLIP's (misspelt, as in HF) pre-encoder LayerNorm; hidden_states[0] is taken after it.
         self.pre_layrnorm = Norm("layernorm", v.hidden_size, v.layer_norm_eps) if v.kind == "clip" else None
         self.encoder = VisionEncoder(v, layers_needed(v.num_layers, select_layer))
+        # full_normed (DeepSeek-VL2): HF's last_hidden_state, every token after the final LayerNorm.
+        self.post_layernorm = (Norm("layernorm", v.hidden_size, v.layer_norm_eps)
+                               if select_feature == "full_normed" else None)
 
     @property
     def num_features(self) -> int:
@@ -139,4 +146,6 @@ class VisionTower(nn.Module):
         if self.pre_layrnorm is not None:
             x = self.pre_layrnorm(x)
         x = self.encoder(x)
+        if self.post_layernorm is not None:
+            return self.post_layernorm(x)
         return x[:, 1:] if self.select_feature == "patch" else x
