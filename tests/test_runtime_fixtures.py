@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 from edgemoe.bundle import Bundle
-from edgemoe.model.prompt import Conversation, tokenize_with_image
+from edgemoe.model.prompt import Conversation
 from edgemoe.model.tokenizer import load_tokenizer
 
-FAMILIES = ("stablelm", "qwen", "phi")
+FAMILIES = ("stablelm", "qwen", "phi", "deepseek-vl2-tiny")  # create-checkpoint's family names
 QUESTION = "What is in the image?"
 
 
@@ -59,7 +59,7 @@ def _build(root: Path) -> Tiny:
     rng = np.random.default_rng(7)
     Image.fromarray(rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)).save(image)  # not square: padded
     tiny = Tiny(root, image)
-    jobs = [(family, "fp32") for family in FAMILIES] + [("stablelm", "int4")]
+    jobs = [(family, "fp32") for family in FAMILIES] + [("stablelm", "int4"), ("deepseek-vl2-tiny", "int4")]
     try:
         for family, precision in jobs:
             if not tiny.checkpoint(family).exists():
@@ -77,7 +77,16 @@ def prompt_ids(bundle_path: Path, question: str = QUESTION) -> list[int]:
     """The first-turn prompt ids (with the image marker) as the runtime builds them."""
     family = Bundle.open(bundle_path).manifest.tokenizer["family"]
     tokenizer = load_tokenizer(bundle_path / "tokenizer", family)
-    return tokenize_with_image(tokenizer, Conversation.for_family(family).add_user(question, image=True).render())
+    return Conversation.for_family(family).add_user(question, image=True).encode(tokenizer)
+
+
+def image_input(bundle_path: Path, image: Path):
+    """The image as the bundle's layout prepares it (pixels [T, 3, S, S], tiles for DeepSeek-VL2)."""
+    from edgemoe.model.image import prepare_image
+
+    manifest = Bundle.open(bundle_path).manifest
+    cfg = manifest.model_config()
+    return prepare_image(image, manifest.processor_config(), cfg.image_aspect_ratio, cfg.candidate_resolutions)
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:
@@ -98,7 +107,6 @@ def run_engine(bundle_path: Path, image: Path, capacity_bytes: int | None = None
                store: str = "auto") -> tuple[list[int], list[np.ndarray], object]:
     """Greedy tokens and every step's logits from an engine over `make_provider(capacity, policy)`,
     and the provider's stats."""
-    from edgemoe.model.image import preprocess_image
     from edgemoe.runtime.engine import Engine
     from edgemoe.runtime.moe import MoELayer
     from edgemoe.runtime.providers import make_provider, open_expert_store
@@ -110,12 +118,12 @@ def run_engine(bundle_path: Path, image: Path, capacity_bytes: int | None = None
     trunk = Trunk.open(bundle)
     provider = make_provider(bundle, capacity_bytes, policy, open_expert_store(bundle, store))
     try:
-        routers = Routers.load(bundle.path_of("routers.safetensors"), cfg.moe.layers)
+        routers = Routers.load(bundle.path_of("routers.safetensors"), cfg.moe.layers, cfg.moe.rule)
         engine = Engine(trunk, MoELayer(routers, provider, cfg.moe.layers, cfg.moe.top_k),
                         manifest.tokenizer["len_tokenizer"], 256)
-        pixels = preprocess_image(image, manifest.processor_config(), cfg.image_aspect_ratio)
+        features = trunk.encode_image(image_input(bundle_path, image))
         logits: list[np.ndarray] = []
-        tokens = list(engine.generate_step(ids or prompt_ids(bundle_path), trunk.encode_image(pixels), max_tokens,
+        tokens = list(engine.generate_step(ids or prompt_ids(bundle_path), features, max_tokens,
                                            stop_ids=[manifest.tokenizer["eos_token_id"]],
                                            on_logits=lambda l: logits.append(l.copy())))
         return tokens, logits, provider.stats()

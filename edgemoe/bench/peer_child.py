@@ -58,13 +58,13 @@ def _max_rss() -> int:
 
 def prompt_inputs(ckpt, question: str):
     """(ids with the image marker, tokenizer, stop id, stop string)."""
-    from edgemoe.model.prompt import Conversation, stop_token_id, tokenize_with_image
+    from edgemoe.model.prompt import Conversation, stop_token_id
     from edgemoe.model.tokenizer import load_tokenizer
 
     cfg = ckpt.config
     tokenizer = load_tokenizer(ckpt.directory, cfg.family)
     conv = Conversation.for_family(cfg.family).add_user(question, image=True)
-    ids = tokenize_with_image(tokenizer, conv.render())
+    ids = conv.encode(tokenizer)
     return ids, tokenizer, stop_token_id(tokenizer, conv), conv.stop_str
 
 

@@ -39,13 +39,13 @@ def image_tokens(bundle: Bundle) -> int:
 
 def estimate_prompt_tokens(bundle: Bundle, question: str) -> int | None:
     """Spliced prompt length for `question` about one image (module docstring)."""
-    from edgemoe.model.prompt import IMAGE_TOKEN_INDEX, Conversation, tokenize_with_image
+    from edgemoe.model.prompt import IMAGE_TOKEN_INDEX, Conversation
     from edgemoe.model.tokenizer import load_tokenizer
 
     family = bundle.manifest.model.get("family", "")
     try:
         tokenizer = load_tokenizer(bundle.root / TOKENIZER_DIR, family)
-        ids = tokenize_with_image(tokenizer, Conversation.for_family(family).add_user(question, image=True).render())
+        ids = Conversation.for_family(family).add_user(question, image=True).encode(tokenizer)
         return len(ids) - ids.count(IMAGE_TOKEN_INDEX) + image_tokens(bundle)
     except (EdgeMoEError, OSError, KeyError, ValueError) as exc:
         log.warning("cannot estimate the prompt length from %s: %s", bundle.root, exc)

@@ -20,8 +20,8 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.keys import ExpertKey
 
 # Graph roles are the trunk's pieces plus the experts; the rest are data files.
-GRAPH_ROLES = frozenset({"vision", "projector", "embed", "attention", "dense_mlp", "head", "expert"})
-ROLES = GRAPH_ROLES | {"router", "tokenizer", "external_data", "other"}
+GRAPH_ROLES = frozenset({"vision", "projector", "embed", "attention", "dense_mlp", "shared_mlp", "head", "expert"})
+ROLES = GRAPH_ROLES | {"router", "image_layout", "tokenizer", "external_data", "other"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_NAME = "manifest.json"
 

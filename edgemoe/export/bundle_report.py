@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemoe.bundle import Bundle, FileEntry
+from edgemoe.model.config import ModelConfig
 
 
 def parse_metric(metric: str) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def inspect_bundle(path: Path | str) -> dict[str, Any]:
     return {
         "kind": "bundle", "path": str(path), "schema_version": m.schema_version,
         "edgemoe_version": m.edgemoe_version, "created_at": m.created_at, "target": m.target,
-        "model_type": f"moe_llava_{model.get('family')}", "family": model.get("family"),
+        "model_type": ModelConfig.from_dict(model).model_type, "family": model.get("family"),
         "num_layers": model.get("num_layers"), "moe_layers": (model.get("moe") or {}).get("layers", []),
         "total_bytes": m.total_bytes, "expert_bytes": experts["bytes"],
         "trunk_bytes": sum(g["bytes"] for g in trunk),

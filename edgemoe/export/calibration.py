@@ -28,8 +28,8 @@ from PIL import Image
 
 from edgemoe.errors import EdgeMoEError
 from edgemoe.model.checkpoint import Checkpoint
-from edgemoe.model.image import preprocess_image
-from edgemoe.model.prompt import IMAGE_TOKEN_INDEX, Conversation, tokenize_with_image
+from edgemoe.model.image import ImageInput, prepare_image
+from edgemoe.model.prompt import IMAGE_TOKEN_INDEX, Conversation
 from edgemoe.model.synthetic_images import pattern_image as synthetic_image
 from edgemoe.model.tokenizer import Tokenizer
 
@@ -59,7 +59,19 @@ class CalibrationSample:
 
     name: str
     ids: tuple[int, ...]
-    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)  # [3, S, S] float32
+    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)  # [3, S, S] or tiles [T, 3, S, S]
+    grid: tuple[int, int] | None = None  # tiled layouts: (rows, cols) of local tiles after the global view
+
+    @property
+    def views(self) -> np.ndarray | None:
+        """The vision graph's input [T, 3, S, S] (T = 1 for single-view layouts)."""
+        if self.pixels is None:
+            return None
+        return self.pixels if self.grid is not None else self.pixels[None]
+
+    @classmethod
+    def with_image(cls, name: str, ids: tuple[int, ...], image: ImageInput) -> "CalibrationSample":
+        return cls(name, ids, image.pixels if image.tiled else image.pixels[0], image.grid)
 
 
 @dataclass(frozen=True)
@@ -78,8 +90,7 @@ class CalibrationSet:
 # -- building the set ---------------------------------------------------------------------------
 
 def _ids(tokenizer: Tokenizer, family: str, text: str, image: bool) -> tuple[int, ...]:
-    prompt = Conversation.for_family(family).add_user(text, image=image).render()
-    return tuple(tokenize_with_image(tokenizer, prompt))
+    return tuple(Conversation.for_family(family).add_user(text, image=image).encode(tokenizer))
 
 
 def _user_images(directory: Path) -> list[tuple[str, Image.Image | Path]]:
@@ -104,7 +115,8 @@ def _user_prompts(path: Path) -> list[str]:
 
 def calibration_set(tokenizer: Tokenizer, family: str, processor: Any, aspect: str = "pad", *,
                     held_out: bool = False, images_dir: Path | None = None, prompts_file: Path | None = None,
-                    num_images: int | None = None, num_text: int | None = None) -> CalibrationSet:
+                    num_images: int | None = None, num_text: int | None = None,
+                    candidates: tuple[tuple[int, int], ...] = ()) -> CalibrationSet:
     """The calibration (or held-out) prompts and images; see the module docstring.
 
     `num_images` / `num_text` truncate the built-in lists (tests use smaller or larger sets)."""
@@ -122,8 +134,8 @@ def calibration_set(tokenizer: Tokenizer, family: str, processor: Any, aspect: s
         source += f", prompts from {prompts_file}"
     images = images[:num_images] if num_images is not None else images
     text = text[:num_text] if num_text is not None else text
-    samples = [CalibrationSample(f"image:{name}", _ids(tokenizer, family, question, True),
-                                 preprocess_image(img, processor, aspect)) for name, img in images]
+    samples = [CalibrationSample.with_image(f"image:{name}", _ids(tokenizer, family, question, True),
+                                            prepare_image(img, processor, aspect, candidates)) for name, img in images]
     samples += [CalibrationSample(f"text:{i}", _ids(tokenizer, family, t, False)) for i, t in enumerate(text)]
     if not samples:
         raise EdgeMoEError("the calibration set is empty")
@@ -169,11 +181,12 @@ def image_features(ckpt: Checkpoint, cset: CalibrationSet) -> dict[str, np.ndarr
     out = {}
     with torch.inference_mode():
         tower = components.vision_tower(ckpt)
-        feats = {s.name: tower(torch.from_numpy(s.pixels)[None])[0] for s in pending}
+        feats = {s.name: tower(torch.from_numpy(s.views)) for s in pending}  # [T, N', Hv]
         del tower
         proj = components.projector(ckpt)
-        for name, f in feats.items():
-            out[name] = proj(f).numpy()
+        for s in pending:
+            y = proj(feats.pop(s.name))  # [T, n, H]
+            out[s.name] = (proj.arrange(y, *s.grid) if s.grid is not None else y[0]).numpy()
     return out
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 
 from edgemoe.bundle import BundleWriter
 from edgemoe.bundle.writer import declared
+from edgemoe.errors import EdgeMoEError
 from edgemoe.export import components, validation
 from edgemoe.export.calibration import CalibrationSample
 from edgemoe.export.expert_graphs import ExpertGraphs, cpu_session
@@ -63,9 +65,11 @@ class GraphRecord:
 
 
 def graph_count(ckpt: Checkpoint) -> int:
-    """Graphs an export writes: vision, projector, embed, head, one attention per layer, MLPs and experts."""
+    """Graphs an export writes: vision, projector, embed, head, one attention per layer, MLPs, shared
+    experts and experts."""
     cfg = ckpt.config
-    return 4 + cfg.num_layers + len(cfg.dense_layers) + sum(cfg.moe.num_experts)
+    shared = len(cfg.moe.layers) if cfg.moe.shared_intermediate else 0
+    return 4 + cfg.num_layers + len(cfg.dense_layers) + shared + sum(cfg.moe.num_experts)
 
 
 class GraphExporter:
@@ -75,11 +79,15 @@ class GraphExporter:
                  graphs: ExpertGraphs, sample: CalibrationSample, step: Step | None = None) -> None:
         if sample.pixels is None or IMAGE_TOKEN_INDEX not in sample.ids:
             raise ValueError("graph validation needs an image prompt (the vision tower and projector run on it)")
+        if ckpt.config.mla is not None:
+            raise EdgeMoEError("exporting multi-head latent attention (DeepSeek-VL2-Small) is not supported yet; "
+                               "DeepSeek-VL2-Tiny (MHA) exports")
         self.ckpt, self.cfg, self.writer, self.plan = ckpt, ckpt.config, writer, plan
         self.experts, self.graphs, self.sample = experts, graphs, sample
         self.step = step or (lambda name: None)
         self.records: list[GraphRecord] = []
         self.routers: dict[str, np.ndarray] = {}
+        self.layout: dict[str, np.ndarray] = {}  # tiled layouts: the image_newline / view_separator rows
 
     def run(self) -> list[GraphRecord]:
         with torch.inference_mode():
@@ -133,26 +141,35 @@ class GraphExporter:
         return np.concatenate([text[:at], image, text[at:]])
 
     def _vision(self) -> np.ndarray:
+        """The tower's features: [N, Hv] for one view, [T, N, Hv] for tiles."""
         cfg, tower, scheme = self.cfg, self.ckpt.tower.vision, self.plan.vision
-        pixels = self.sample.pixels[None]
+        pixels = self.sample.views  # [T, 3, S, S]
 
         def build() -> onnx.ModelProto:
             return build_vision(tower, components.LazyTensors(self.ckpt, "vision."), scheme, cfg.mm_vision_select_layer,
                                 cfg.mm_vision_select_feature)
 
-        ref = components.vision_tower(self.ckpt)(torch.from_numpy(pixels))[0].numpy()  # [N, Hv]
+        ref = components.vision_tower(self.ckpt)(torch.from_numpy(pixels)).numpy()  # [T, N, Hv]
+        ref = ref if self.sample.grid is not None else ref[0]
         gc.collect()
         self._trunk("vision", "vision", scheme, build, lambda s: validation.run(s, {"pixel_values": pixels}),
                     {"features": ref})
         return ref
 
     def _projector(self, feats: np.ndarray) -> np.ndarray:
-        scheme = self.plan.trunk
-        ref = components.projector(self.ckpt)(torch.from_numpy(feats)).numpy()  # [N, H]
+        """Projected image tokens [N, H]; tiles are projected [T, n, H], then laid out with the layout rows."""
+        scheme, grid = self.plan.trunk, self.sample.grid
+        proj = components.projector(self.ckpt)
+        ref = proj(torch.from_numpy(feats)).numpy()  # [N, H] or [T, n, H]
+        side = math.isqrt(feats.shape[1]) if grid is not None else None
         self._trunk("projector", "projector", scheme,
-                    lambda: build_projector(self.cfg, components.LazyTensors(self.ckpt, "projector."), scheme),
+                    lambda: build_projector(self.cfg, components.LazyTensors(self.ckpt, "projector."), scheme, side),
                     lambda s: validation.run(s, {"features": feats}), {"embeds": ref})
-        return ref
+        if grid is None:
+            return ref
+        self.layout = {"image_newline": proj.image_newline.numpy().copy(),
+                       "view_separator": proj.view_separator.numpy().copy()}
+        return proj.arrange(torch.from_numpy(ref), *grid).numpy()
 
     def _embed(self) -> np.ndarray:
         ids = np.asarray([i for i in self.sample.ids if i != IMAGE_TOKEN_INDEX], dtype=np.int64)
@@ -182,8 +199,16 @@ class GraphExporter:
         m2 = m[0]
         if layer.is_moe:
             self.routers[f"layers.{n}.router.weight"] = layer.moe.router.weight.numpy().copy()
+            if layer.moe.router.bias is not None:
+                self.routers[f"layers.{n}.router.bias"] = layer.moe.router.bias.numpy().copy()
             for e, expert in enumerate(layer.moe.experts):
                 self._expert(ExpertKey(n, e), m2, expert(m2).numpy())
+            if layer.moe.shared is not None:  # always-on shared experts: a trunk graph of their own
+                self._trunk(f"layer{n}.shared", "shared_mlp", scheme,
+                            lambda: build_dense_mlp(cfg, components.LazyTensors(self.ckpt, f"layers.{n}.shared."),
+                                                    scheme),
+                            lambda s: validation.run(s, {"x": m2.numpy()}), {"y": layer.moe.shared(m2).numpy()},
+                            layer=n)
         else:
             self._trunk(f"layer{n}.mlp", "dense_mlp", scheme,
                         lambda: build_dense_mlp(cfg, components.LazyTensors(self.ckpt, f"layers.{n}.mlp."), scheme),

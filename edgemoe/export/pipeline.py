@@ -86,7 +86,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     plan = plan_precisions(options)
     tokenizer = load_tokenizer(ckpt.directory, cfg.family)
     cset = calibration_set(tokenizer, cfg.family, tower.processor, cfg.image_aspect_ratio,
-                           images_dir=options.calibration_images, prompts_file=options.calibration_prompts)
+                           images_dir=options.calibration_images, prompts_file=options.calibration_prompts,
+                           candidates=cfg.candidate_resolutions)
     sample = next(s for s in cset.samples if s.pixels is not None)
     with tempfile.TemporaryDirectory(prefix="edgemoe-experts-") as scratch:
         graphs = ExpertGraphs(ckpt, Path(scratch), options.target)
@@ -109,6 +110,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
             exporter = GraphExporter(ckpt, writer, plan, experts, graphs, sample, step)
             records = exporter.run()
             writer.add_array_file("routers.safetensors", exporter.routers, role="router", precision="fp32")
+            if exporter.layout:  # tiled images: the rows laid between and after image tokens
+                writer.add_array_file("layout.safetensors", exporter.layout, role="image_layout", precision="fp32")
             files = [n for n in TOKENIZER_FILES if (ckpt.directory / n).is_file()]
             writer.add_tokenizer(ckpt.directory, files)
             stats = {"seconds": round(time.monotonic() - t0, 2), "checkpoint": str(checkpoint),
@@ -130,8 +133,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
 def prompt_block(family: str) -> dict[str, Any]:
     t = template_for(family)
-    return {"family": family, "template": t.name, "system": t.system, "roles": list(t.roles), "sep": t.sep,
-            "sep2": t.sep2, "stop_str": t.sep2, "image_token": IMAGE_TOKEN, "image_token_index": IMAGE_TOKEN_INDEX}
+    return {"family": family, "template": t.name, "style": t.style, "system": t.system, "roles": list(t.roles),
+            "sep": t.sep, "sep2": t.sep2, "stop_str": t.sep2, "image_token": IMAGE_TOKEN,
+            "image_token_index": IMAGE_TOKEN_INDEX}
 
 
 def tokenizer_block(family: str, tokenizer: Tokenizer, files: list[str]) -> dict[str, Any]:

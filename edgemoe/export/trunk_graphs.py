@@ -164,13 +164,34 @@ def build_embed(cfg: ModelConfig, weight: np.ndarray, scheme: Scheme) -> onnx.Mo
     return b.model()
 
 
-def build_projector(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Scheme) -> onnx.ModelProto:
-    """mlp2x_gelu: features [N, Hv] -> embeds [N, H], with the exact (erf) GELU upstream uses."""
+def build_projector(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Scheme,
+                    grid: int | None = None) -> onnx.ModelProto:
+    """mlp2x_gelu: features [N, Hv] -> embeds [N, H], with the exact (erf) GELU upstream uses.
+    downsample_mlp_gelu (DeepSeek-VL2, `grid` = G tower tokens per tile side): features [T, G*G, Hv]
+    -> embeds [T, g*g, H], g = ceil(G/2), after the 2 x 2 channel-major fold (reference downsample_2x2)."""
     require_fp32(scheme, "projector")
     b = GraphBuilder("projector")
-    x = b.input("features", F32, ["N", cfg.mm_hidden_size])
+    if cfg.mm_projector_type == "downsample_mlp_gelu":
+        if grid is None:
+            raise QuantError("downsample_mlp_gelu needs the tower's grid size")
+        x, out_shape = _fold_2x2(b, cfg.mm_hidden_size, grid), ["T", ((grid + 1) // 2) ** 2, cfg.hidden_size]
+    else:
+        x, out_shape = b.input("features", F32, ["N", cfg.mm_hidden_size]), ["N", cfg.hidden_size]
     y = b.linear(x, "projector.0", take(w, "0.weight"), take(w, "0.bias"))
     y = b.op("Gelu", [y], "projector_gelu", approximate="none")
     b.linear(y, "projector.2", take(w, "2.weight"), take(w, "2.bias"), out="embeds")
-    b.output("embeds", F32, ["N", cfg.hidden_size])
+    b.output("embeds", F32, out_shape)
     return lower_checked(b, scheme, expected=2)
+
+
+def _fold_2x2(b: GraphBuilder, hv: int, grid: int) -> str:
+    """features [T, G*G, Hv] -> [T, g*g, 4*Hv]: zero-pad the grid to even, then feature c*4 + di*2 + dj
+    of token (i, j) is grid[2i + di, 2j + dj, c] (F.unfold's order)."""
+    g, pad = (grid + 1) // 2, grid % 2
+    x = b.input("features", F32, ["T", grid * grid, hv])
+    x = b.op("Reshape", [x, b.ints("fold.grid", [0, grid, grid, hv])], "fold_grid")  # [T, G, G, Hv]
+    if pad:
+        x = b.op("Pad", [x, b.ints("fold.pads", [0, 0, 0, 0, 0, pad, pad, 0])], "fold_padded")
+    x = b.op("Reshape", [x, b.ints("fold.blocks", [0, g, 2, g, 2, hv])], "fold_blocks")  # [T, i, di, j, dj, c]
+    x = b.op("Transpose", [x], "fold_t", perm=[0, 1, 3, 5, 2, 4])  # [T, i, j, c, di, dj]
+    return b.op("Reshape", [x, b.ints("fold.out", [0, g * g, 4 * hv])], "folded")

@@ -4,6 +4,8 @@ Contract: `build_vision(tower, w, scheme, select_layer)` takes the `vision.*` ca
 that prefix stripped (HF `vision_model.*` suffixes) and returns a graph
 
     pixel_values float32 [1, C, I, I] -> features float32 [N', Hv]
+    pixel_values float32 [T, C, I, I] -> features float32 [T, N, Hv]     (select_feature "full_normed":
+                                          every layer, then post_layernorm: DeepSeek-VL2's tiles)
 
 equal to the reference `VisionTower`: `hidden_states[select_layer][:, 1:]` for select_feature
 "patch" (the slice drops SigLIP's first patch too, as upstream: 728 of 729 tokens at so400m-384), all
@@ -63,8 +65,8 @@ def _embeddings(b: GraphBuilder, v: VisionTowerConfig, w: Mapping[str, np.ndarra
     if not clip:
         conv_in.append(b.const("embeddings.patch_embedding.bias", take(w, "embeddings.patch_embedding.bias")))
     x = b.op("Conv", conv_in, "patches", kernel_shape=[v.patch_size] * 2, strides=[v.patch_size] * 2)
-    x = b.op("Reshape", [x, b.ints("patches.shape", [1, v.hidden_size, -1])], "patches_flat")  # [1, Hv, G*G]
-    x = b.op("Transpose", [x], "patches_t", perm=[0, 2, 1])  # [1, G*G, Hv], row-major patches
+    x = b.op("Reshape", [x, b.ints("patches.shape", [0, v.hidden_size, -1])], "patches_flat")  # [T, Hv, G*G]
+    x = b.op("Transpose", [x], "patches_t", perm=[0, 2, 1])  # [T, G*G, Hv], row-major patches
     if clip:
         cls = b.const("embeddings.class_embedding", take(w, "embeddings.class_embedding").reshape(1, 1, -1))
         x = b.op("Concat", [cls, x], "tokens", axis=1)
@@ -97,7 +99,7 @@ def _layer(b: GraphBuilder, v: VisionTowerConfig, w: Mapping[str, np.ndarray], x
                            axis=-1)
     attn = b.op("MultiHeadAttention", [q, k, val], f"{p}_attn", domain=MS_DOMAIN, num_heads=v.num_heads,
                 scale=1.0 / math.sqrt(v.head_dim))
-    b.declare(attn, F32, [1, "N", hv])
+    b.declare(attn, F32, ["T", "N", hv])
     o = b.linear(attn, f"{p}.self_attn.out_proj", take(w, f"{p}.self_attn.out_proj.weight"),
                  take(w, f"{p}.self_attn.out_proj.bias"))
     x = b.op("Add", [x, o], f"{p}_h")
@@ -112,14 +114,20 @@ def build_vision(tower: VisionTowerConfig, w: Mapping[str, np.ndarray], scheme: 
                  select_feature: str = "patch") -> onnx.ModelProto:
     """The tower's feature graph at `scheme` (module docstring); see `vision_scheme` for int4 trunks."""
     require_fp32(scheme, "vision tower")
-    if select_feature not in ("patch", "cls_patch"):
-        raise QuantError(f"mm_vision_select_feature {select_feature!r} is not supported (patch, cls_patch)")
+    if select_feature not in ("patch", "cls_patch", "full_normed"):
+        raise QuantError(f"mm_vision_select_feature {select_feature!r} is not supported (patch, cls_patch, "
+                         "full_normed)")
     layers = layers_needed(tower.num_layers, select_layer)
     size, hv = tower.image_size, tower.hidden_size
     b = GraphBuilder("vision")
-    x = _embeddings(b, tower, w, b.input("pixel_values", F32, [1, tower.num_channels, size, size]))
+    tiles = select_feature == "full_normed"
+    x = _embeddings(b, tower, w, b.input("pixel_values", F32, ["T" if tiles else 1, tower.num_channels, size, size]))
     for i in range(layers):
         x = _layer(b, tower, w, x, i)
+    if tiles:  # DeepSeek-VL2: every layer, the final LayerNorm, all tokens of every tile
+        b.norm("layernorm", x, "post_layernorm", w, tower.layer_norm_eps, out="features")
+        b.output("features", F32, ["T", tower.num_positions, hv])
+        return lower_checked(b, scheme, expected=4 * layers, float_ok=EMBEDDINGS_STAY_FLOAT)
     skip = 1 if select_feature == "patch" else 0
     if skip:
         x = b.op("Slice", [x, b.ints("select.start", [1]), b.ints("select.end", [tower.num_positions]),

@@ -52,11 +52,12 @@ FULL_LANGUAGE = {
               "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16, "q_lora_rank": None,
               "rm_head": False, "topk_method": "greedy", "torch_dtype": "bfloat16"},
 }
-# Tiny sizes: three layers (dense, MoE, MoE), 8 experts top-3, head dims divisible by 8 (ORT kernels).
+# Tiny sizes: three layers (dense, MoE, MoE), 8 experts top-3, head dims divisible by 8 (ORT kernels),
+# experts 64 wide (a 64 x 64 matrix is the smallest the exporter treats as a weight).
 TINY_LANGUAGE = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 8,
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64, "n_routed_experts": 8,
              "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts_per_tok": 3, "num_hidden_layers": 3},
-    "small": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 8,
+    "small": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64, "n_routed_experts": 8,
               "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts_per_tok": 3, "num_hidden_layers": 3,
               "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16},
 }

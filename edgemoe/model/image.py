@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edgemoe.errors import ConfigError, ImageError
+from edgemoe.model.tiling import tile_image
 from edgemoe.model.towers import ImageProcessorConfig
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -32,7 +34,33 @@ ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 DEFAULT_MAX_PIXELS = 64_000_000
 
 # Upstream pads only for "pad"; LLaVA's default "square" sends the image straight to the processor.
+# "tile_2d" is DeepSeek-VL2's global view plus a grid of local tiles (edgemoe.model.tiling).
 ASPECTS = ("pad", "square")
+TILED = "tile_2d"
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """What the vision graph takes for one image: views [T, 3, S, S] and, for tiled layouts, the grid."""
+
+    pixels: np.ndarray  # float32 [T, 3, S, S]; T = 1 for single-view layouts
+    grid: tuple[int, int] | None = None  # (rows, cols) of local tiles after the global view; None: one view
+
+    @property
+    def tiled(self) -> bool:
+        return self.grid is not None
+
+
+def prepare_image(source: ImageSource, processor: ImageProcessorConfig, aspect: str = "pad",
+                  candidates: tuple[tuple[int, int], ...] = (), tiled: bool = True) -> ImageInput:
+    """One image as the bundle's layout wants it: `preprocess_image` for pad/square, the tile_2d views
+    (best grid among `candidates`, or only 1 x 1 when `tiled` is False) for DeepSeek-VL2."""
+    if aspect != TILED:
+        return ImageInput(preprocess_image(source, processor, aspect)[None])
+    if not candidates:
+        raise ConfigError("a tile_2d layout needs candidate_resolutions")
+    views = tile_image(as_image(source), processor.size, candidates, tiled=tiled)
+    return ImageInput(views.pixels, (views.rows, views.cols))
 
 
 def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

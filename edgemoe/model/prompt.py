@@ -29,14 +29,19 @@ class ConvTemplate:
     roles: tuple[str, str]
     sep: str  # after the system prompt and after each user turn
     sep2: str  # after each assistant turn; also the stop string
+    style: str = "two"  # "two": LLaVA's rendered string; "deepseek": DeepSeek-VL2's per-turn token assembly
 
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 CONV_STABLELM = ConvTemplate("stablelm", SYSTEM, ("USER", "ASSISTANT"), " ", "<|endoftext|>")
 CONV_PHI = ConvTemplate("phi", SYSTEM, ("USER", "ASSISTANT"), " ", "<|endoftext|>")
+# DeepSeek-VL2's "deepseek" sft_format (conversation.py): empty system, "\n\n" after a user turn, eos after
+# an answer.
+CONV_DEEPSEEK = ConvTemplate("deepseek", "", ("<|User|>", "<|Assistant|>"), "\n\n", "<｜end▁of▁sentence｜>",
+                             style="deepseek")
 # Upstream's conv_mode: "stablelm" -> conv_stablelm, "phi" and "qwen" -> conv_phi.
-TEMPLATES = {"stablelm": CONV_STABLELM, "phi": CONV_PHI, "qwen": CONV_PHI}
+TEMPLATES = {"stablelm": CONV_STABLELM, "phi": CONV_PHI, "qwen": CONV_PHI, "deepseek_vl2": CONV_DEEPSEEK}
 
 
 def template_for(family: str) -> ConvTemplate:
@@ -79,6 +84,12 @@ class Conversation:
             raise ValueError("an assistant turn must follow a user turn")
         return replace(self, messages=self.messages + ((self.template.roles[1], text),))
 
+    def encode(self, tokenizer: Tokenizer) -> list[int]:
+        """Prompt ids, -200 where the image goes: upstream's ids for this template's style."""
+        if self.template.style == "deepseek":
+            return _encode_deepseek(tokenizer, self)
+        return tokenize_with_image(tokenizer, self.render())
+
     def render(self) -> str:
         """upstream get_prompt() (TWO style); after a user turn it ends with the open `ASSISTANT:`."""
         t = self.template
@@ -109,6 +120,23 @@ def tokenize_with_image(tokenizer: Tokenizer, prompt: str) -> list[int]:
         if i:
             ids.append(IMAGE_TOKEN_INDEX)
         ids.extend(chunk[offset:])
+    return ids
+
+
+def _encode_deepseek(tokenizer: Tokenizer, conv: Conversation) -> list[int]:
+    """DeepSeek-VL2's `format_messages_v2`: bos, then each user turn tokenized as
+    `<|User|>: {text}\n\n<|Assistant|>:` (the system prompt and sep before the first), each answer as
+    its stripped text then eos. Turns are encoded apart, so no BPE merge crosses a turn boundary."""
+    t = conv.template
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise TokenizerError("the deepseek template needs a tokenizer with bos and eos tokens")
+    ids = [tokenizer.bos_token_id]
+    for i, (role, text) in enumerate(conv.messages):
+        if role == t.roles[0]:
+            system = t.system + t.sep if i == 0 and t.system else ""
+            ids += tokenize_with_image(tokenizer, f"{system}{role}: {text.strip()}{t.sep}{t.roles[1]}:")
+        else:
+            ids += tokenizer.encode(text.strip()) + [tokenizer.eos_token_id]
     return ids
 
 

@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edgemoe.model.routing_rule import RoutingRule, deepspeed_top_k, select
 from edgemoe.offload.errors import OffloadError
 
 Context = tuple[frozenset[int] | None, frozenset[int] | None]  # experts at (layer - 2, layer - 1)
@@ -58,19 +59,12 @@ class _LayerOrder:
             raise OffloadError(f"layer {layer} is not one of the MoE layers {list(self.layers)}") from None
 
 
-def softmax_top_k(hidden: np.ndarray, router: np.ndarray, k: int) -> np.ndarray:
-    """[N, H] x router [E, H] -> [N, k] experts, best first, ties to the lower index (fp32)."""
-    logits = np.atleast_2d(np.asarray(hidden, np.float32)) @ np.asarray(router, np.float32).T  # [N, E]
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs = z / z.sum(axis=-1, keepdims=True)
-    return np.argsort(-probs, axis=-1, kind="stable")[:, :k]  # stable: equal probabilities keep index order
-
-
 class RouterPredictor:
     """The next MoE layer's router applied to this layer's hidden state (module docstring)."""
 
     def __init__(self, routers: Mapping[int, np.ndarray], moe_layers: Sequence[int], top_k: int,
-                 lookahead: int = 1) -> None:
+                 lookahead: int = 1, rule: RoutingRule | None = None,
+                 biases: Mapping[int, np.ndarray] | None = None) -> None:
         self.order = _LayerOrder(moe_layers)
         missing = [layer for layer in self.order.layers if layer not in routers]
         if missing:
@@ -79,6 +73,9 @@ class RouterPredictor:
             raise OffloadError(f"top_k and lookahead must be >= 1, got {top_k} and {lookahead}")
         self.routers = {layer: np.ascontiguousarray(routers[layer], np.float32) for layer in self.order.layers}
         self.top_k, self.lookahead = top_k, lookahead
+        # The model's own rule (DeepSeek: top-6 of 64, grouped or bias-corrected choices), else top-k softmax.
+        self.rule = rule if rule is not None else deepspeed_top_k(top_k)
+        self.biases = dict(biases or {})
 
     def observe(self, layer: int, chosen: Iterable[int]) -> None:
         pass  # stateless: the hidden state carries everything
@@ -88,8 +85,8 @@ class RouterPredictor:
             return {}
         start = self.order.index(layer)
         targets = self.order.layers[start + 1:start + 1 + self.lookahead]
-        return {t: tuple(int(e) for e in np.unique(softmax_top_k(hidden, self.routers[t], self.top_k)))
-                for t in targets}
+        x = np.atleast_2d(np.asarray(hidden, np.float32))
+        return {t: select(x @ self.routers[t].T, self.rule, self.biases.get(t)).needed() for t in targets}
 
 
 class StatisticalPredictor:

@@ -24,6 +24,7 @@ Shape legend: N tokens (batch and sequence flattened), H hidden, E experts, K ex
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,8 @@ class Router(nn.Module):
 
     def __init__(self, hidden: int, num_experts: int, correction_bias: bool) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init: a fresh layer routes somewhere
         self.bias = nn.Parameter(torch.zeros(num_experts)) if correction_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, E] fp32

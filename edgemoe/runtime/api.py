@@ -28,8 +28,8 @@ import psutil
 
 from edgemoe.bundle import Bundle
 from edgemoe.errors import EdgeMoEError
-from edgemoe.model.image import ImageSource, preprocess_image
-from edgemoe.model.prompt import Conversation, cut_at_stop, tokenize_with_image
+from edgemoe.model.image import ImageSource, prepare_image
+from edgemoe.model.prompt import Conversation, cut_at_stop
 from edgemoe.model.tokenizer import Tokenizer, load_tokenizer
 from edgemoe.offload.budget import parse_size
 from edgemoe.offload.policies import POLICIES
@@ -111,7 +111,8 @@ class ChatSession:
             if spec is not None:
                 parse_size(spec, 1 << 40)  # a percentage of any total: syntax only
         self.trunk = Trunk.open(self.bundle)
-        self.routers = Routers.load(self.bundle.path_of("routers.safetensors"), self.config.moe.layers)
+        self.routers = Routers.load(self.bundle.path_of("routers.safetensors"), self.config.moe.layers,
+                                    self.config.moe.rule)
         self.sampler = options.sampler()
         self.engine: Engine | None = None
         self.provider: Any = None
@@ -123,13 +124,9 @@ class ChatSession:
 
     @property
     def image_tokens(self) -> int:
-        """Image tokens per image: what the vision graph declares (features [N, Hv]), else upstream's
-        count: every position, less the first for "patch" features (SigLIP's first patch too)."""
-        declared = self.trunk.vision.get_outputs()[0].shape[0]
-        if isinstance(declared, int):
-            return declared
-        positions = self.bundle.manifest.vision_config().num_positions
-        return positions - (self.config.mm_vision_select_feature == "patch")
+        """Prompt rows of the conversation's image (0 without one); tiled layouts depend on the image."""
+        features = self.image_features()
+        return 0 if features is None else int(features.shape[0])
 
     def _start(self, prompt_positions: int) -> Engine:
         """KV cache, warm-up, baseline, budget, provider: in that order (module docstring)."""
@@ -159,8 +156,8 @@ class ChatSession:
         if self._features is None:  # one image per conversation: encoded once, reused by later turns
             manifest = self.bundle.manifest
             aspect = manifest.processor.get("image_aspect_ratio", self.config.image_aspect_ratio)
-            pixels = preprocess_image(self.image, manifest.processor_config(), aspect)
-            self._features = self.trunk.encode_image(pixels)
+            image = prepare_image(self.image, manifest.processor_config(), aspect, self.config.candidate_resolutions)
+            self._features = self.trunk.encode_image(image)
         return self._features
 
     # -- turns ------------------------------------------------------------------------------------
@@ -171,13 +168,13 @@ class ChatSession:
         t0 = time.monotonic()
         first = not self.conversation.messages
         conv = self.conversation.add_user(question, image=first and self.image is not None)
-        ids = tokenize_with_image(self.tokenizer, conv.render())
+        ids = conv.encode(self.tokenizer)
         if self.engine is None:
             # Encode the image before the baseline is measured: the vision pass's retained memory
             # then counts in the baseline instead of surprising the memory budget later.
             self.image_features()
             set_up = time.monotonic()
-            self._start(len(splice_positions(ids, self.image_tokens if self.image is not None else 0)))
+            self._start(len(splice_positions(ids, self.image_tokens)))
             t0 += time.monotonic() - set_up  # one-off set-up is load_s, not time to first token
         engine = self.engine
         before = _Snapshot.take(self.provider, engine)

@@ -83,7 +83,10 @@ class Engine:
         moe_layers = self.config.moe
         for n in range(self.config.num_layers):
             h, m = self.trunk.attention(n, x, self.cache)
-            x = self.moe.forward(n, h, m) if moe_layers.is_moe(n) else h + self.trunk.dense_mlp(n, m)
+            if moe_layers.is_moe(n):
+                x = self.moe.forward(n, h, m, self.trunk.shared_mlp(n, m))
+            else:
+                x = h + self.trunk.dense_mlp(n, m)
         self.cache.advance(x.shape[0])
         return x
 
@@ -101,7 +104,11 @@ class Engine:
         x = self.trunk.embed(np.zeros(1, np.int64))
         for n in range(self.config.num_layers):
             h, m = self.trunk.attention(n, x, self.cache)
-            x = h if self.config.moe.is_moe(n) else h + self.trunk.dense_mlp(n, m)
+            if self.config.moe.is_moe(n):
+                shared = self.trunk.shared_mlp(n, m)
+                x = h if shared is None else h + shared
+            else:
+                x = h + self.trunk.dense_mlp(n, m)
         self.trunk.head(x)
 
     # -- prefill and decode -------------------------------------------------------------------------

@@ -57,12 +57,14 @@ class MoELayer:
                  predictor: ExpertPredictor | None = None, prefetch: bool = True) -> None:
         self.routers, self.provider, self.top_k, self.prefetch = routers, provider, top_k, prefetch
         self.moe_layers = tuple(sorted(moe_layers))
-        self.predictor = predictor or RouterPredictor(routers.weights, self.moe_layers, top_k)
+        self.predictor = predictor or RouterPredictor(routers.weights, self.moe_layers, top_k, rule=routers.rule,
+                                                      biases=routers.biases)
         self._hinted: dict[int, tuple[int, ...]] = {}  # layer -> experts hinted for its next call
         self.predictions = PredictionStats()
 
-    def forward(self, layer: int, h: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """h, m [N, H] -> h + moe(m) [N, H]."""
+    def forward(self, layer: int, h: np.ndarray, m: np.ndarray, shared: np.ndarray | None = None) -> np.ndarray:
+        """h, m [N, H] -> h + moe(m) [N, H]; `shared` (the always-on shared experts' output on m, where the
+        model has them) joins the routed sum before the residual, as the reference adds it."""
         routing = self.routers.route(layer, m, self.top_k)  # route
         needed = routing.needed()
         hinted = self._hinted.pop(layer, None)
@@ -70,7 +72,8 @@ class MoELayer:
             self.predictions.record(hinted, needed)
         self.predictor.observe(layer, needed)
         outputs = self._run_experts(layer, needed, routing, m)  # dispatch + experts (+ next-layer hint)
-        return h + combine(outputs, routing, m.shape)  # combine
+        routed = combine(outputs, routing, m.shape)  # combine
+        return h + (routed if shared is None else routed + shared)
 
     def _hint_next(self, layer: int, m: np.ndarray) -> None:
         if not self.prefetch:

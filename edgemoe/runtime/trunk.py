@@ -6,7 +6,8 @@ attention graphs' cache shape against the model config. The methods are the grap
 `edgemoe.export.trunk_graphs`, in numpy:
 
     embed(ids [S])                    -> [S, H]
-    encode_image(pixels [3, I, I])    -> projected features [N, H]   (vision then projector)
+    encode_image(ImageInput)          -> image rows [N, H]   (vision then projector; tiles laid out)
+    shared_mlp(n, m [S, H])           -> [S, H] on MoE layers with shared experts, else None
     attention(n, x [S, H], cache)     -> h, m [S, H]; keys/values written into the cache in place
     dense_mlp(n, m [S, H])            -> [S, H]
     head(h [S, H])                    -> fp32 logits [S, V]
@@ -19,7 +20,7 @@ It does not advance the cache: the engine does, once every layer has written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -27,8 +28,27 @@ import onnxruntime as ort
 
 from edgemoe.bundle import Bundle
 from edgemoe.model.config import ModelConfig
+from edgemoe.model.image import ImageInput
+from edgemoe.model.safetensors_io import SafetensorsFile
 from edgemoe.runtime.kv_cache import KVCache
 from edgemoe.runtime.sessions import RuntimeGraphError, one_line, session_options, trunk_session
+
+
+LAYOUT_FILE = "layout.safetensors"
+
+
+def arrange_tiles(tiles: np.ndarray, rows: int, cols: int, newline: np.ndarray, separator: np.ndarray) -> np.ndarray:
+    """Projected tiles [1 + rows*cols, g*g, H], global first -> one image's rows [N, H]
+    (edgemoe.reference.projector.TiledProjector.arrange, in numpy)."""
+    t, gg, h = tiles.shape
+    g = int(round(gg ** 0.5))
+    if t != 1 + rows * cols or g * g != gg:
+        raise RuntimeGraphError(f"{t} tiles of {gg} tokens do not make a global view plus a {rows} x {cols} grid")
+    nl = np.asarray(newline, np.float32)
+    glob = np.concatenate([tiles[0].reshape(g, g, h), np.broadcast_to(nl, (g, 1, h))], axis=1).reshape(-1, h)
+    local = tiles[1:].reshape(rows, cols, g, g, h).transpose(0, 2, 1, 3, 4).reshape(rows * g, cols * g, h)
+    local = np.concatenate([local, np.broadcast_to(nl, (rows * g, 1, h))], axis=1).reshape(-1, h)
+    return np.concatenate([glob, np.asarray(separator, np.float32)[None], local])
 
 
 def _run(sess: ort.InferenceSession, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -49,6 +69,8 @@ class Trunk:
     head_session: ort.InferenceSession
     attn: list[ort.InferenceSession]
     mlp: dict[int, ort.InferenceSession]
+    shared: dict[int, ort.InferenceSession] = field(default_factory=dict)  # always-on shared experts
+    layout: dict[str, np.ndarray] = field(default_factory=dict)  # tiled images: image_newline, view_separator
 
     @classmethod
     def open(cls, bundle: Bundle, progress: Callable[[str], None] | None = None) -> "Trunk":
@@ -60,9 +82,14 @@ class Trunk:
                 progress(name)
             return trunk_session(bundle.graph_path(name), so)
 
+        shared = {n: load(f"layer{n}.shared") for n in cfg.moe.layers} if cfg.moe.shared_intermediate else {}
+        layout = {}
+        if any(e.path == LAYOUT_FILE for e in bundle.manifest.by_role("image_layout")):
+            f = SafetensorsFile(bundle.path_of(LAYOUT_FILE))
+            layout = {name: f.tensor(name) for name in f.infos}
         trunk = cls(cfg, load("vision"), load("projector"), load("embed"), load("head"),
                     [load(f"layer{n}.attn") for n in range(cfg.num_layers)],
-                    {n: load(f"layer{n}.mlp") for n in cfg.dense_layers})
+                    {n: load(f"layer{n}.mlp") for n in cfg.dense_layers}, shared, layout)
         trunk._check_cache_shape()
         return trunk
 
@@ -90,10 +117,16 @@ class Trunk:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return _run(self.embed_session, "embed", {"ids": np.asarray(ids, np.int64)})[0]  # [S, H]
 
-    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        """pixels [3, I, I] -> [N, H]: the tower's selected features, projected."""
-        feats = _run(self.vision, "vision", {"pixel_values": np.ascontiguousarray(pixels[None], np.float32)})[0]
-        return _run(self.projector, "projector", {"features": feats})[0]
+    def encode_image(self, image: ImageInput) -> np.ndarray:
+        """One image -> its prompt rows [N, H]: the tower's features, projected; tiles laid out in 2D
+        (global grid, view separator, local grid, image_newline after each row) as upstream does."""
+        feats = _run(self.vision, "vision", {"pixel_values": np.ascontiguousarray(image.pixels, np.float32)})[0]
+        embeds = _run(self.projector, "projector", {"features": feats})[0]
+        if image.grid is None:
+            return embeds
+        if not self.layout:
+            raise RuntimeGraphError("this bundle has no layout.safetensors for tiled images")
+        return arrange_tiles(embeds, *image.grid, self.layout["image_newline"], self.layout["view_separator"])
 
     def attention(self, n: int, x: np.ndarray, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
         """x [S, H] at positions cache.length.. -> (h, m) [S, H]; writes rows into layer n's cache."""
@@ -124,6 +157,11 @@ class Trunk:
 
     def dense_mlp(self, n: int, m: np.ndarray) -> np.ndarray:
         return _run(self.mlp[n], f"layer{n}.mlp", {"x": np.ascontiguousarray(m)})[0]
+
+    def shared_mlp(self, n: int, m: np.ndarray) -> np.ndarray | None:
+        """Layer n's always-on shared experts on m [S, H], or None where the model has none."""
+        sess = self.shared.get(n)
+        return None if sess is None else _run(sess, f"layer{n}.shared", {"x": np.ascontiguousarray(m)})[0]
 
     def head(self, h: np.ndarray) -> np.ndarray:
         return _run(self.head_session, "head", {"h": np.ascontiguousarray(h)})[0]  # [S, V]
