@@ -161,11 +161,14 @@ class WeightInit:
     def _successor_rows(self) -> np.ndarray:
         """lm_head rows 0..len(tokenizer)-1 without noise: row j is j's predecessor's embedding."""
         if self._lm_head_rows is None:
-            n, hidden = self.len_tokenizer, self.config.hidden_size
-            embed = next(self.blocks("embed.weight", max_elements=n * hidden))  # rows 0..n-1
-            rows = np.zeros((n, hidden), dtype=np.float32)
+            # Only ids in the successor cycle get a designed row; they are the ordinary tokens, the
+            # lowest ids (about 1,000), so n is small even when len(tokenizer) is 129k (DeepSeek-VL2).
+            hidden = self.config.hidden_size
             has = self.successor >= 0
-            rows[self.successor[has]] = embed[:n][has]
+            n = int(np.flatnonzero(has).max()) + 1
+            embed = next(self.blocks("embed.weight", max_elements=n * hidden))[:n]  # rows 0..n-1
+            rows = np.zeros((n, hidden), dtype=np.float32)
+            rows[self.successor[:n][has[:n]]] = embed[has[:n]]
             rows *= np.float32(SUCCESSOR_LOGIT / hidden)
             self._lm_head_rows = rows
         return self._lm_head_rows
