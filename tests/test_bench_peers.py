@@ -51,7 +51,7 @@ def test_accelerate_offload_equals_the_resident_model(tiny: Path, image: Path, t
     ckpt = Checkpoint.open(tiny)
     peer_child.prepare_offload(argparse.Namespace(checkpoint=tiny, dtype="fp32", offload_dir=tmp_path / "w"))
     ids = peer_child.prompt_inputs(ckpt, "What is this?")[0]
-    pixels = peer_child.pixels_of(ckpt, image)
+    prepared = peer_child.image_of(ckpt, image)
     model = peer_child._meta_model(ckpt, torch.float32)
     device_map = peer_child.device_map_for(model, 1)
     routers = [k for k in device_map if k.endswith(peer_child.ROUTER_SUFFIX)]
@@ -62,8 +62,8 @@ def test_accelerate_offload_equals_the_resident_model(tiny: Path, image: Path, t
                            preload_module_classes=peer_child.PRELOAD)
     ref = ReferenceModel.from_checkpoint(ckpt, torch.float32)
     with torch.inference_mode():
-        want = ref(ref.embed(ids, ref.encode_image(torch.from_numpy(pixels)[None])).embeds)
-        got = model(model.embed(ids, model.encode_image(torch.from_numpy(pixels)[None])).embeds)
+        want = ref(ref.embed(ids, [ref.encode(prepared)]).embeds)
+        got = model(model.embed(ids, [model.encode(prepared)]).embeds)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 

@@ -6,7 +6,7 @@
         --max-memory BYTES --image IMG --question Q --tokens N
 
 Contract: the prompt is built exactly as the runtime builds it (the family's conversation template,
-`tokenize_with_image`, `preprocess_image`), generation is greedy on a KV cache and stops at the stop
+`Conversation.encode`, `prepare_image`), generation is greedy on a KV cache and stops at the stop
 token or after N tokens, and the printed stats use `edgemoe ask`'s keys and definitions: time to first
 token from the request (image preprocessing included) to the first id, model loading excluded
 (`load_s`); decode tokens/s over the tokens after the first.
@@ -68,11 +68,12 @@ def prompt_inputs(ckpt, question: str):
     return ids, tokenizer, stop_token_id(tokenizer, conv), conv.stop_str
 
 
-def pixels_of(ckpt, image: Path):
-    """Pixel values [3, S, S] as the runtime computes them."""
-    from edgemoe.model.image import preprocess_image
+def image_of(ckpt, image: Path):
+    """The image prepared as the runtime prepares it (`ImageInput`: views [T, 3, S, S], tiles for tiled layouts)."""
+    from edgemoe.model.image import prepare_image
 
-    return preprocess_image(image, ckpt.tower.processor, ckpt.config.image_aspect_ratio)
+    cfg = ckpt.config
+    return prepare_image(image, ckpt.tower.processor, cfg.image_aspect_ratio, cfg.candidate_resolutions)
 
 
 def timed_generate(model, ckpt, image: Path, ids, tokens: int, stop_id: int, logit_limit: int) -> dict[str, Any]:
@@ -82,9 +83,8 @@ def timed_generate(model, ckpt, image: Path, ids, tokens: int, stop_id: int, log
 
     with torch.inference_mode():
         t0 = time.perf_counter()
-        pixels = pixels_of(ckpt, image)
-        features = model.encode_image(torch.from_numpy(pixels)[None])
-        prompt = model.embed(ids, features)
+        features = model.encode(image_of(ckpt, image))  # [N, H]
+        prompt = model.embed(ids, [features])
         cache = model.new_cache()
         logits = model(prompt.embeds, cache, logit_limit=logit_limit)
         out = [int(logits[0, -1].argmax())]

@@ -30,15 +30,24 @@ def synthetic_image(path: Path, size: tuple[int, int] = (480, 360), seed: int = 
     return path
 
 
-def image_tokens(bundle: Bundle) -> int:
-    """Features the tower gives per image (576 for CLIP-L/14-336 with select_feature 'patch')."""
+def image_tokens(bundle: Bundle, image_size: tuple[int, int] | None = None) -> int:
+    """Prompt rows of one image: the tower's features (576 for CLIP-L/14-336 with select_feature
+    'patch'); for tiled layouts, the grid an image of `image_size` (W, H) gets (1 x 1 without one)."""
     manifest = bundle.manifest
-    positions = manifest.vision_config().num_positions
+    cfg = manifest.model_config()
+    vision = manifest.vision_config()
+    if cfg.image_aspect_ratio == "tile_2d":
+        from edgemoe.model.tiling import best_resolution, image_token_count, tokens_per_side
+
+        w, h = best_resolution(image_size, cfg.candidate_resolutions) if image_size else (vision.image_size,) * 2
+        side = tokens_per_side(vision.image_size, vision.patch_size)
+        return image_token_count(side, h // vision.image_size, w // vision.image_size)
+    positions = vision.num_positions
     return positions - (1 if manifest.vision.get("select_feature", "patch") == "patch" else 0)
 
 
-def estimate_prompt_tokens(bundle: Bundle, question: str) -> int | None:
-    """Spliced prompt length for `question` about one image (module docstring)."""
+def estimate_prompt_tokens(bundle: Bundle, question: str, image_size: tuple[int, int] | None = None) -> int | None:
+    """Spliced prompt length for `question` about one image of `image_size` (module docstring)."""
     from edgemoe.model.prompt import IMAGE_TOKEN_INDEX, Conversation
     from edgemoe.model.tokenizer import load_tokenizer
 
@@ -46,7 +55,7 @@ def estimate_prompt_tokens(bundle: Bundle, question: str) -> int | None:
     try:
         tokenizer = load_tokenizer(bundle.root / TOKENIZER_DIR, family)
         ids = Conversation.for_family(family).add_user(question, image=True).encode(tokenizer)
-        return len(ids) - ids.count(IMAGE_TOKEN_INDEX) + image_tokens(bundle)
+        return len(ids) - ids.count(IMAGE_TOKEN_INDEX) + image_tokens(bundle, image_size)
     except (EdgeMoEError, OSError, KeyError, ValueError) as exc:
         log.warning("cannot estimate the prompt length from %s: %s", bundle.root, exc)
         return None

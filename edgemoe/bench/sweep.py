@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from PIL import Image
+
 from edgemoe.bench.budgets import DEFAULT_EXPERT_BUDGETS, Budget, parse_budgets
 from edgemoe.bench.child import ChildRun, parse_json_output, run_child
 from edgemoe.bench.errors import BenchError
@@ -272,7 +274,9 @@ def run_bench(bundle_path: str | Path, options: BenchOptions = BenchOptions(),
         step("bandwidth probes")
         prepare_experts(bundle, options.expert_stores)  # once per machine, before any run is timed
         step("experts prepared for this machine")
-        ctx = SweepContext(bundle, options, image, bandwidths, estimate_prompt_tokens(bundle, options.question))
+        with Image.open(image) as img:
+            size = img.size
+        ctx = SweepContext(bundle, options, image, bandwidths, estimate_prompt_tokens(bundle, options.question, size))
         runs = []
         for expert, memory in options.budget_pairs():
             for store in options.expert_stores:

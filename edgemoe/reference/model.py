@@ -26,6 +26,7 @@ from torch import nn
 from edgemoe.errors import CheckpointError, EdgeMoEError
 from edgemoe.model.checkpoint import Checkpoint
 from edgemoe.model.config import ModelConfig
+from edgemoe.model.image import ImageInput
 from edgemoe.model.towers import VisionTowerConfig
 from edgemoe.reference.decoder import DecoderLayer
 from edgemoe.reference.kv_cache import KVCache
@@ -154,6 +155,11 @@ class ReferenceModel(nn.Module):
         if self.vision is None:
             raise CheckpointError("this reference model was built without a vision tower")
         return self.projector(self.vision(pixels.to(self.dtype)))
+
+    def encode(self, image: ImageInput) -> torch.Tensor:
+        """One prepared image (edgemoe.model.image.prepare_image) -> its prompt rows [N, H], any layout."""
+        pixels = torch.from_numpy(image.pixels)
+        return self.encode_tiles(pixels, *image.grid) if image.tiled else self.encode_image(pixels)[0]
 
     def encode_tiles(self, pixels: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """One tiled image (tile_2d layout): pixels [1 + rows*cols, 3, S, S], global view first ->
