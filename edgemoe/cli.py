@@ -74,13 +74,13 @@ def create_checkpoint(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
 ) -> None:
     """Write a MoE-LLaVA checkpoint in the exact real format, with random weights."""
-    from edgemoe.inspect_report import human_bytes
+    from edgemoe.offload.budget import format_bytes
     from edgemoe.model.create import create_checkpoint as create
     from edgemoe.progress import byte_progress
 
     with byte_progress(f"writing {family}-{size}", out) as progress:
         made = create(out_dir, family, size, seed=seed, tower=tower, overwrite=overwrite, progress=progress)
-    out.print(f"wrote {made.path} ({human_bytes(made.total_bytes)}, {made.num_tensors} tensors)")
+    out.print(f"wrote {made.path} ({format_bytes(made.total_bytes)}, {made.num_tensors} tensors)")
 
 
 @app.command()

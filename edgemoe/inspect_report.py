@@ -17,6 +17,7 @@ from rich.table import Table
 from edgemoe.errors import EdgeMoEError
 from edgemoe.model.checkpoint import Checkpoint
 from edgemoe.model.summary import summarize_checkpoint
+from edgemoe.offload.budget import format_bytes
 
 
 def _files(directory: Path) -> dict[str, Any]:
@@ -40,15 +41,6 @@ def inspect_path(path: Path) -> dict[str, Any]:
 
         return inspect_bundle(path)
     return inspect_checkpoint(path)
-
-
-def human_bytes(n: float) -> str:
-    """Bytes in the largest unit that keeps a number >= 1 (decimal units, as disk sizes are sold)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
 
 
 def _billions(n: int) -> str:
@@ -92,11 +84,11 @@ def render_inspection(report: dict[str, Any], console: Console) -> None:
         ("parameters", f"{report.get('all_params', 0):,} in all (LLM, vision tower, projector)"),
         ("LLM parameters", f"{_billions(report['total_params'])} total, {_billions(report['active_params'])} active, "
                            f"{_billions(report.get('token_params', 0))} read per decoded token"),
-        ("one expert", f"{e['params']:,} params: fp16 {human_bytes(e['fp16_bytes'])}, "
-                       f"int8 {human_bytes(e['int8_bytes'])}, int4 {human_bytes(e['int4_bytes'])}"),
+        ("one expert", f"{e['params']:,} params: fp16 {format_bytes(e['fp16_bytes'])}, "
+                       f"int8 {format_bytes(e['int8_bytes'])}, int4 {format_bytes(e['int4_bytes'])}"),
         ("vision tower", f"{report['vision_tower']} ({report['vision_kind']}, {_billions(report['vision_params'])}, "
                          f"{_image_tokens(report)} image tokens)"),
-        ("weights on disk", f"{len(report['weight_files'])} file(s), {human_bytes(report['weight_bytes'])}"),
+        ("weights on disk", f"{len(report['weight_files'])} file(s), {format_bytes(report['weight_bytes'])}"),
     ]
     for k, v in rows:
         t.add_row(k, v)

@@ -67,7 +67,7 @@ def test_inspect_bundle_tables(exported) -> None:
     (("export", "{ckpt}", "-o", "/tmp/x-edgemoe-never", "--precision", "auto", "--accuracy-budget", "top5=1"),
      "error: bad accuracy budget part 'top5=1'"),
     (("export", "{ckpt}", "-o", "/tmp/x-edgemoe-never", "--precision", "auto", "--size-budget", "lots"),
-     "error: bad size 'lots'"),
+     "error: cannot read size 'lots'"),
     (("export", "{parent}", "-o", "/tmp/x-edgemoe-never"), "has no config.json: not a checkpoint directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(exported, args: tuple, message: str) -> None:

@@ -112,9 +112,9 @@ def inspect_bundle(path: Path | str) -> dict[str, Any]:
 # -- rendering ------------------------------------------------------------------------------------
 
 def _mb(n: int) -> str:
-    from edgemoe.inspect_report import human_bytes  # the one byte formatter of `inspect`
+    from edgemoe.offload.budget import format_bytes  # the one byte formatter of `inspect`
 
-    return human_bytes(n)
+    return format_bytes(n)
 
 
 def _short(path: str | None) -> str:

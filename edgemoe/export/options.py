@@ -25,7 +25,6 @@ for explicitly, with a note: ORT on x86 casts it back to fp32, so it saves disk,
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,27 +32,16 @@ from typing import Any
 import numpy as np
 
 from edgemoe.errors import EdgeMoEError
+from edgemoe.offload.budget import parse_size as parse_budget_size
 from edgemoe.quant.metrics import AccuracyBudget
 from edgemoe.quant.schemes import TARGETS, Precision, Scheme
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "auto")
 AUTO_LEVELS = {"cpu": (Precision.INT8, Precision.INT4), "cuda": (Precision.FP16, Precision.INT4)}
 AUTO_TRUNK = {"cpu": Precision.INT8, "cuda": Precision.FP16}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
-
-
 def parse_size(text: str) -> int:
-    """Bytes from '123456', '800MB', '1.5GB' (decimal) or '2GiB' (binary)."""
-    match = _SIZE.match(str(text))
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS:
-        raise EdgeMoEError(f"bad size {text!r}: expected bytes or a number with a unit (e.g. 1.5GB, 800MB, 2GiB)")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise EdgeMoEError(f"size {text!r} must be positive")
-    return size
+    """Bytes from '123456', '800MB', '1.5GB' (decimal) or '2GiB' (binary): the runtime's one parser."""
+    return parse_budget_size(str(text))
 
 
 def _precision(value: str, what: str, allowed: tuple[str, ...]) -> str:

@@ -69,9 +69,9 @@ class ExportResult:
     def summary(self) -> str:
         """One line: where, how big, which precisions, how long."""
         experts = ", ".join(f"{n} {p}" for p, n in sorted(self.expert_counts().items()))
-        from edgemoe.inspect_report import human_bytes
+        from edgemoe.offload.budget import format_bytes
 
-        return (f"wrote {self.path}: {human_bytes(self.total_bytes)}, {len(self.graphs)} graphs, experts {experts}, "
+        return (f"wrote {self.path}: {format_bytes(self.total_bytes)}, {len(self.graphs)} graphs, experts {experts}, "
                 f"target {self.manifest.target}, in {self.seconds:.0f} s")
 
 
