@@ -32,6 +32,10 @@ def merged_layer(bundle: Bundle, layer: int, experts: int) -> onnx.ModelProto:
         ren = {}
         for v in list(m.graph.input) + list(m.graph.output):
             ren[v.name] = f"{v.name}{k}"
+        for v in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info):
+            for d in v.type.tensor_type.shape.dim:  # each expert its own row count: no shared dim names
+                if d.dim_param:
+                    d.dim_param = f"{d.dim_param}_{k}"
         def name(n: str) -> str:
             return ren.get(n, f"e{k}.{n}") if n else n
         for t in m.graph.initializer:
