@@ -165,7 +165,8 @@ def _stream_text(piece: str) -> None:
 
 
 @app.command()
-@generation_flags(image="The image to ask about.", max_tokens="Most tokens to generate.",
+@generation_flags(image="The image to ask about (repeat for models that take several, e.g. DeepSeek-VL2).",
+                  max_tokens="Most tokens to generate.",
                   temperature="0: greedy, the same answer every run.",
                   seed="Sampling seed: the same seed gives the same answer.",
                   as_json="Print one JSON object: answer, token_ids, stats.")
@@ -185,7 +186,8 @@ def ask(bundle: BundleDir, question: str = typer.Argument(..., help="The questio
 
 
 @app.command()
-@generation_flags(image="The image the conversation is about.", max_tokens="Most tokens per answer.",
+@generation_flags(image="The image the conversation is about (repeatable where the model takes several).",
+                  max_tokens="Most tokens per answer.",
                   temperature="0: greedy, the same answers every run.", seed="Sampling seed.",
                   as_json="Print one JSON object per answer (JSON lines).")
 def chat(bundle: BundleDir, **flags: Any) -> None:

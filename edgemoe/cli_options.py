@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, List, Mapping, Optional, TypeVar
 
 import typer
 
@@ -37,7 +37,7 @@ class Flag:
 
 
 GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
-    "image": Flag(Optional[Path], None, "--image"),
+    "image": Flag(Optional[List[Path]], None, "--image"),
     "max_tokens": Flag(int, 128, "--max-tokens"),
     "memory_budget": Flag(Optional[str], None, "--memory-budget", "Bound the whole process's RSS (e.g. 3GB): "
                                                                   "the experts get what the trunk and KV cache leave."),

@@ -123,3 +123,42 @@ def test_an_image_too_large_to_tile_is_refused_in_one_line(tiny, tmp_path) -> No
     result = edgemoe_cli("ask", str(tiny.bundle(FAMILY)), "What is it?", "--image", str(big), "--max-tokens", "2")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "pixels" in result.stderr
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_several_images_match_the_reference(tiny, tmp_path, count: int) -> None:
+    """Two images are tiled, three or more go in as one view each (upstream's cropping rule)."""
+    from edgemoe.model.image import prepare_image
+
+    bundle = tiny.bundle(FAMILY)
+    paths = [tiny.image]
+    for i in range(1, count):
+        path = tmp_path / f"extra{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (30 + 40 * i, 50, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    manifest = Bundle.open(bundle).manifest
+    cfg = manifest.model_config()
+    model = ReferenceModel.from_checkpoint(Checkpoint.open(tiny.checkpoint(FAMILY)))
+    tokenizer = load_tokenizer(bundle / "tokenizer", "deepseek_vl2")
+    ids = Conversation.for_family("deepseek_vl2").add_user("Compare them.", images=count).encode(tokenizer)
+    assert ids.count(IMAGE_TOKEN_INDEX) == count
+    prepared = [prepare_image(p, manifest.processor_config(), cfg.image_aspect_ratio, cfg.candidate_resolutions,
+                              tiled=count <= 2) for p in paths]
+    if count > 2:  # one global and one local view each
+        assert all(p.grid == (1, 1) for p in prepared)
+    else:  # tiled as a lone image would be
+        assert prepared[0].grid == image_input(bundle, tiny.image).grid != (1, 1)
+    with torch.no_grad():
+        features = [model.encode(p) for p in prepared]
+    want = greedy_generate(model, model.embed(ids, features).embeds, 6, [manifest.tokenizer["eos_token_id"]],
+                           manifest.tokenizer["len_tokenizer"])
+    got = ask(bundle, "Compare them.", paths, max_tokens=6)
+    assert list(got.token_ids) == list(want.token_ids)
+    assert got.stats.image_tokens == sum(f.shape[0] for f in features)
+
+
+def test_moe_llava_refuses_a_second_image_in_one_line(tiny) -> None:
+    result = edgemoe_cli("ask", str(tiny.bundle("stablelm", "int4")), "Compare.", "--image", str(tiny.image),
+                         "--image", str(tiny.image), "--max-tokens", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: this model takes 1 image(s) per conversation, got 2"

@@ -30,6 +30,7 @@ class ConvTemplate:
     sep: str  # after the system prompt and after each user turn
     sep2: str  # after each assistant turn; also the stop string
     style: str = "two"  # "two": LLaVA's rendered string; "deepseek": DeepSeek-VL2's per-turn token assembly
+    max_images: int | None = 1  # images one conversation may hold (None: any number)
 
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -39,7 +40,7 @@ CONV_PHI = ConvTemplate("phi", SYSTEM, ("USER", "ASSISTANT"), " ", "<|endoftext|
 # DeepSeek-VL2's "deepseek" sft_format (conversation.py): empty system, "\n\n" after a user turn, eos after
 # an answer.
 CONV_DEEPSEEK = ConvTemplate("deepseek", "", ("<|User|>", "<|Assistant|>"), "\n\n", "<｜end▁of▁sentence｜>",
-                             style="deepseek")
+                             style="deepseek", max_images=None)
 # Upstream's conv_mode: "stablelm" -> conv_stablelm, "phi" and "qwen" -> conv_phi.
 TEMPLATES = {"stablelm": CONV_STABLELM, "phi": CONV_PHI, "qwen": CONV_PHI, "deepseek_vl2": CONV_DEEPSEEK}
 
@@ -67,15 +68,23 @@ class Conversation:
 
     @property
     def has_image(self) -> bool:
-        return any(IMAGE_TOKEN in text for _, text in self.messages)
+        return self.image_count > 0
 
-    def add_user(self, text: str, image: bool = False) -> Conversation:
-        """Append a user turn; `image=True` puts `<image>\\n` first, as upstream does on turn one."""
+    @property
+    def image_count(self) -> int:
+        return sum(text.count(IMAGE_TOKEN) for _, text in self.messages)
+
+    def add_user(self, text: str, image: bool = False, images: int | None = None) -> Conversation:
+        """Append a user turn; `image=True` (or `images=n`) puts `<image>\\n` first (n times), as
+        upstream does on turn one."""
         if self.messages and self.messages[-1][0] == self.template.roles[0]:
             raise ValueError("two user turns in a row: add the assistant's answer first")
-        if image and self.has_image:
-            raise ValueError("upstream takes one image per conversation; it is already in an earlier turn")
-        text = f"{IMAGE_TOKEN}\n{text}" if image else text
+        n = int(image) if images is None else images
+        most = self.template.max_images
+        if most is not None and self.image_count + n > most:
+            raise ValueError(f"upstream takes {'one image' if most == 1 else f'{most} images'} per conversation"
+                             + ("; it is already in an earlier turn" if self.has_image else ""))
+        text = f"{IMAGE_TOKEN}\n" * n + text
         return replace(self, messages=self.messages + ((self.template.roles[0], text),))
 
     def add_assistant(self, text: str) -> Conversation:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,20 +82,23 @@ class GenerationOptions:
 
 
 class ChatSession:
-    """A conversation about (at most) one image, its KV cache kept across turns.
+    """A conversation about its images (given up front, asked about in the first turn), its KV cache
+    kept across turns.
 
     The engine is built on the first `ask`, whose prompt length sizes the KV cache (that prompt plus
     `reserve_turns` answers, or `context_tokens` positions; it grows by one copy if a long chat
     outgrows it). `close()` (or `with`) releases the expert provider.
     """
 
-    def __init__(self, bundle_path: str | Path, image: ImageSource | None = None,
+    def __init__(self, bundle_path: str | Path, image: ImageSource | Sequence[ImageSource] | None = None,
                  options: GenerationOptions = GenerationOptions(), *, context_tokens: int | None = None,
                  reserve_turns: int = CHAT_TURNS_RESERVED,
                  prepare_progress: Callable[[int, int], None] | None = None) -> None:
         t0 = time.monotonic()
         configure_process()  # before the first session: freed sessions go back to the OS
-        self.options, self.image = options, image
+        self.options = options
+        self.images: list[ImageSource] = [] if image is None else (
+            list(image) if isinstance(image, (list, tuple)) else [image])
         self._context_tokens, self._reserve_turns = context_tokens, max(1, reserve_turns)
         self._prepare_progress = prepare_progress  # experts packed for this CPU on a first run
         self.bundle = Bundle.open(bundle_path)
@@ -107,6 +110,9 @@ class ChatSession:
         eos = manifest.tokenizer.get("eos_token_id", self.tokenizer.eos_token_id)
         self.stop_ids = () if eos is None else (int(eos),)
         self.conversation = Conversation.for_family(family)
+        most = self.conversation.template.max_images
+        if most is not None and len(self.images) > most:
+            raise EdgeMoEError(f"this model takes {most} image(s) per conversation, got {len(self.images)}")
         for spec in (options.expert_budget, options.memory_budget):  # a malformed budget fails before any load
             if spec is not None:
                 parse_size(spec, 1 << 40)  # a percentage of any total: syntax only
@@ -117,16 +123,15 @@ class ChatSession:
         self.engine: Engine | None = None
         self.provider: Any = None
         self.budget: BudgetPlan | None = None
-        self._features: np.ndarray | None = None
+        self._features: list[np.ndarray] | None = None
         self._load_s = time.monotonic() - t0
 
     # -- set-up -----------------------------------------------------------------------------------
 
     @property
-    def image_tokens(self) -> int:
-        """Prompt rows of the conversation's image (0 without one); tiled layouts depend on the image."""
-        features = self.image_features()
-        return 0 if features is None else int(features.shape[0])
+    def image_tokens(self) -> list[int]:
+        """Prompt rows of each of the conversation's images; tiled layouts depend on the image."""
+        return [int(rows.shape[0]) for rows in self.image_features() or []]
 
     def _start(self, prompt_positions: int) -> Engine:
         """KV cache, warm-up, baseline, budget, provider: in that order (module docstring)."""
@@ -149,15 +154,17 @@ class ChatSession:
         log.info("ready in %.2f s: %s", self._load_s, self.budget.describe())
         return engine
 
-    def image_features(self) -> np.ndarray | None:
-        """The conversation's image, preprocessed and projected [N, H] (encoded once)."""
-        if self.image is None:
+    def image_features(self) -> list[np.ndarray] | None:
+        """The conversation's images, preprocessed and projected, [N_i, H] each (encoded once)."""
+        if not self.images:
             return None
-        if self._features is None:  # one image per conversation: encoded once, reused by later turns
+        if self._features is None:  # encoded once, reused by later turns
             manifest = self.bundle.manifest
             aspect = manifest.processor.get("image_aspect_ratio", self.config.image_aspect_ratio)
-            image = prepare_image(self.image, manifest.processor_config(), aspect, self.config.candidate_resolutions)
-            self._features = self.trunk.encode_image(image)
+            tiled = len(self.images) <= 2  # upstream tiles one or two images, more go in as one view each
+            self._features = [self.trunk.encode_image(prepare_image(
+                source, manifest.processor_config(), aspect, self.config.candidate_resolutions, tiled))
+                for source in self.images]
         return self._features
 
     # -- turns ------------------------------------------------------------------------------------
@@ -167,7 +174,7 @@ class ChatSession:
         """Answer `question` (the image goes with the first turn), streaming text to `on_text`."""
         t0 = time.monotonic()
         first = not self.conversation.messages
-        conv = self.conversation.add_user(question, image=first and self.image is not None)
+        conv = self.conversation.add_user(question, images=len(self.images) if first else 0)
         ids = conv.encode(self.tokenizer)
         if self.engine is None:
             # Encode the image before the baseline is measured: the vision pass's retained memory
@@ -248,7 +255,7 @@ class ChatSession:
         self.close()
 
 
-def ask(bundle_path: str | Path, question: str, image: ImageSource | None = None, *,
+def ask(bundle_path: str | Path, question: str, image: ImageSource | Sequence[ImageSource] | None = None, *,
         max_tokens: int = DEFAULT_MAX_TOKENS, memory_budget: str | int | None = None,
         expert_budget: str | int | None = None, policy: str = "lru", temperature: float = 0.0,
         top_p: float = 1.0, seed: int = 0, on_text: TextCallback | None = None,

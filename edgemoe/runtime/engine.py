@@ -1,9 +1,9 @@
 """The engine: prefill and decode over the trunk, the MoE layers and the KV cache. Ids in, ids out.
 
-Contract: the engine knows nothing about tokenization. `prefill(ids, image)` takes prompt ids with
-one IMAGE_TOKEN_INDEX marker where the image goes (upstream's `tokenizer_image_token` output) and
-the projected image features, splices them exactly as upstream (text embedded, the marker replaced
-by all N feature rows, positions 0..L'-1 over the spliced sequence), runs every layer once over the
+Contract: the engine knows nothing about tokenization. `prefill(ids, images)` takes prompt ids with
+one IMAGE_TOKEN_INDEX marker per image (upstream's `tokenizer_image_token` output) and each image's
+projected rows, splices them exactly as upstream (text embedded, the i-th marker replaced by all N_i
+rows of the i-th image, positions 0..L'-1 over the spliced sequence), runs every layer once over the
 whole prompt and returns the last position's logits. `decode(token)` runs one token at the next
 position. Logits at or past `logit_limit` (len(tokenizer); upstream truncates the vocabulary to it)
 are -inf. `generate_step` chains them: prefill, then sample, yield, decode, until a stop id (which
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 
@@ -31,6 +32,16 @@ from edgemoe.runtime.kv_cache import KVCache
 from edgemoe.runtime.moe import MoELayer
 from edgemoe.runtime.sampling import Sampler
 from edgemoe.runtime.trunk import Trunk
+
+def _digest(images: list[np.ndarray]) -> bytes | None:
+    """Which images the cached image rows hold (None: no image)."""
+    if not images:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for rows in images:
+        h.update(np.ascontiguousarray(rows).data)
+    return h.digest()
+
 
 class ContextError(EdgeMoEError):
     """A prompt (plus its answer) does not fit the model's context."""
@@ -45,11 +56,25 @@ class PrefillInfo:
     computed: int  # L' minus the reused cached prefix
 
 
-def splice_positions(ids: Sequence[int], image_tokens: int) -> list[int]:
-    """The token at each spliced position: ids with each marker expanded to `image_tokens` markers."""
+Images = Union[np.ndarray, Sequence[np.ndarray], None]  # one image's rows [N, H], several, or none
+
+
+def as_image_list(images: Images) -> list[np.ndarray]:
+    if images is None:
+        return []
+    return [images] if isinstance(images, np.ndarray) else list(images)
+
+
+def splice_positions(ids: Sequence[int], image_tokens: int | Sequence[int]) -> list[int]:
+    """The token at each spliced position: ids with the i-th marker expanded to image_tokens[i]
+    markers (an int: every image the same)."""
+    counts = iter(image_tokens) if not isinstance(image_tokens, int) else None
     out: list[int] = []
     for i in ids:
-        out.extend([IMAGE_TOKEN_INDEX] * image_tokens if i == IMAGE_TOKEN_INDEX else [int(i)])
+        if i == IMAGE_TOKEN_INDEX:
+            out.extend([IMAGE_TOKEN_INDEX] * (image_tokens if counts is None else next(counts)))
+        else:
+            out.append(int(i))
     return out
 
 
@@ -113,17 +138,20 @@ class Engine:
 
     # -- prefill and decode -------------------------------------------------------------------------
 
-    def embed_prompt(self, ids: Sequence[int], image: np.ndarray | None) -> np.ndarray:
-        """ids [L] with markers + features [N, H] -> spliced embeddings [L', H] (upstream's splice)."""
+    def embed_prompt(self, ids: Sequence[int], images: Images) -> np.ndarray:
+        """ids [L] with markers + each image's rows [N_i, H] -> spliced embeddings [L', H] (upstream's
+        splice: the i-th marker is replaced by the i-th image's rows)."""
         ids = np.asarray(ids, dtype=np.int64)
+        features = as_image_list(images)
         marks = np.flatnonzero(ids == IMAGE_TOKEN_INDEX)
-        if len(marks) != (0 if image is None else 1):
-            raise EdgeMoEError(f"prompt has {len(marks)} image marker(s) but {0 if image is None else 1} image")
+        if len(marks) != len(features):
+            raise EdgeMoEError(f"prompt has {len(marks)} image marker(s) but {len(features)} image(s)")
         text = self.trunk.embed(np.where(ids == IMAGE_TOKEN_INDEX, 0, ids))  # [L, H]; marker rows unused
-        if image is None:
-            return text
-        at = int(marks[0])
-        return np.concatenate([text[:at], image.astype(np.float32), text[at + 1:]])
+        parts, start = [], 0
+        for at, rows in zip(marks, features):
+            parts += [text[start:at], rows.astype(np.float32)]
+            start = int(at) + 1
+        return np.concatenate(parts + [text[start:]]) if features else text
 
     def reserve(self, positions: int) -> None:
         """Make the cache hold `positions` (at most the model's context: generation stops there)."""
@@ -134,29 +162,30 @@ class Engine:
         """No position left in the model's context."""
         return self.cache.length >= self.max_positions
 
-    def prefill(self, ids: Sequence[int], image: np.ndarray | None = None, reserve_after: int = 0) -> np.ndarray:
-        """Prompt ids (+ image features) -> last position's logits [V], reusing a cached prefix."""
-        n_image = 0 if image is None else image.shape[0]
-        positions = splice_positions(ids, n_image)
+    def prefill(self, ids: Sequence[int], image: Images = None, reserve_after: int = 0) -> np.ndarray:
+        """Prompt ids (+ each image's rows) -> last position's logits [V], reusing a cached prefix."""
+        images = as_image_list(image)
+        counts = [int(rows.shape[0]) for rows in images]
+        positions = splice_positions(ids, counts)
         if not positions:
             raise EdgeMoEError("empty prompt")
         if len(positions) > self.max_positions:
             raise ContextError(f"the prompt takes {len(positions)} positions, more than the model's context of "
                                f"{self.max_positions}")
         keep = min(common_prefix(self.context, positions), len(positions) - 1)  # compute >= 1 position
-        digest = None if image is None else hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).digest()
+        digest = _digest(images)
         if digest != self._image_digest and IMAGE_TOKEN_INDEX in self.context[:keep]:
-            keep = self.context.index(IMAGE_TOKEN_INDEX)  # another image: its rows must be recomputed
-        if image is not None:
+            keep = self.context.index(IMAGE_TOKEN_INDEX)  # other images: their rows must be recomputed
+        if images:
             self._image_digest = digest
         self.reserve(len(positions) + reserve_after)
         self.cache.truncate(keep)
         del self.context[keep:]
         self.moe.reset_hints()
-        x = self.embed_prompt(ids, image)[keep:]
+        x = self.embed_prompt(ids, images)[keep:]
         hidden = self.forward(x)
         self.context.extend(positions[keep:])
-        self.last_prefill = PrefillInfo(len(positions), n_image, len(positions) - keep)
+        self.last_prefill = PrefillInfo(len(positions), sum(counts), len(positions) - keep)
         return self.logits(hidden[-1:])
 
     def decode(self, token: int) -> np.ndarray:
@@ -169,7 +198,7 @@ class Engine:
         self.context.append(int(token))
         return self.logits(hidden)
 
-    def generate_step(self, ids: Sequence[int], image: np.ndarray | None, max_tokens: int,
+    def generate_step(self, ids: Sequence[int], image: Images, max_tokens: int,
                       sampler: Sampler | None = None, stop_ids: Sequence[int] = (),
                       on_logits: Callable[[np.ndarray], None] | None = None) -> Iterator[int]:
         """Yield generated ids: prefill, then one decode per token until a stop id or max_tokens.
