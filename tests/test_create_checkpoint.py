@@ -20,7 +20,8 @@ from edgemoe.model.config import load_config, parse_config
 from edgemoe.model.create import (BIN_SHARD_BYTES, CreatedCheckpoint, bf16_round, create_checkpoint, plan_tensors,
                                   successor_ids)
 from edgemoe.model.family_templates import FULL_DIMS, TokenIds, dump_json, model_config_json
-from edgemoe.model.names import TOWER_DIR_PREFIX, VISION_PREFIX, family_tensors
+from edgemoe.families.moe_llava import VISION_PREFIX
+from edgemoe.model.names import TOWER_DIR_PREFIX, family_tensors
 from edgemoe.model.safetensors_io import SafetensorsFile, ShardedWriter
 from edgemoe.model.tokenizer_files import write_tokenizer_files
 from edgemoe.model.towers import BUILTIN_TOWERS, CLIP_L14_336

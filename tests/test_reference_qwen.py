@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from edgemoe.model.checkpoint import Checkpoint
-from edgemoe.model.names import VISION_PREFIX, family_tensors
+from edgemoe.families.moe_llava import VISION_PREFIX
+from edgemoe.model.names import family_tensors
 from edgemoe.model.towers import CLIP_MEAN, CLIP_STD, ImageProcessorConfig, write_tower_directory
 from edgemoe.reference.model import ReferenceModel
 from edgemoe.reference.tiny import random_tensors, tiny_raw_config, tiny_tower

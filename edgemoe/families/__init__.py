@@ -1,9 +1,10 @@
 """Model families that live in one module each, found by name without importing them up front.
 
-Contract: `family_module(family)` returns the module of a registered family, or None for the
-MoE-LLaVA families (whose tables predate this package and live in edgemoe.model). A family module
-provides `MODEL_TYPE`, `parse_config(raw) -> ModelConfig`, `tower_spec(raw) -> TowerSpec` and
-`tensors(config, vision) -> {canonical: TensorSpec}`. Imports are lazy because family modules
+Contract: `family_module(family)` returns the module that knows everything family-specific about a
+model: `model_type(family)`, `parse_config(raw) -> ModelConfig`, `tower_spec(raw, config,
+checkpoint_dir) -> TowerSpec`, `tensors(config, vision) -> {canonical: TensorSpec}` and
+`vision_prefix(family)` (where a separate tower's weights sit, or None). Everything else (exporter,
+offload, runtime, bench) takes any family through one path. Imports are lazy because family modules
 import edgemoe.model.config, which consults this registry.
 """
 
@@ -14,14 +15,20 @@ from dataclasses import dataclass
 from types import ModuleType
 
 # family name -> module; model_type -> family
-MODULES = {"deepseek_vl2": "edgemoe.families.deepseek_vl2"}
-MODEL_TYPES = {"deepseek_vl_v2": "deepseek_vl2"}
+MODULES = {"stablelm": "edgemoe.families.moe_llava", "qwen": "edgemoe.families.moe_llava",
+           "phi": "edgemoe.families.moe_llava", "deepseek_vl2": "edgemoe.families.deepseek_vl2"}
+MODEL_TYPES = {"moe_llava_stablelm": "stablelm", "moe_llava_qwen": "qwen", "moe_llava_phi": "phi",
+               "deepseek_vl_v2": "deepseek_vl2"}
 
 
-def family_module(family: str) -> ModuleType | None:
-    """The module of a registered family, imported on first use; None for the MoE-LLaVA families."""
-    name = MODULES.get(family)
-    return None if name is None else importlib.import_module(name)
+def family_module(family: str) -> ModuleType:
+    """The module of a registered family, imported on first use."""
+    try:
+        return importlib.import_module(MODULES[family])
+    except KeyError:
+        from edgemoe.errors import ConfigError  # noqa: PLC0415 - keep this registry import-light
+
+        raise ConfigError(f"unknown model family {family!r}; edgemoe knows {', '.join(sorted(MODULES))}") from None
 
 
 def _deepseek_shard_name(prefix: str, i: int, n: int) -> str:

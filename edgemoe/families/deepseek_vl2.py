@@ -25,6 +25,7 @@ so the vision tower reuses the SigLIP canonical names (HF SiglipVisionModel's). 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from edgemoe.errors import ConfigError
@@ -35,6 +36,15 @@ from edgemoe.model.towers import ImageProcessorConfig, TowerSpec, VisionTowerCon
 
 MODEL_TYPE = "deepseek_vl_v2"
 FAMILY = "deepseek_vl2"
+
+
+def model_type(family: str) -> str:
+    return MODEL_TYPE
+
+
+def vision_prefix(family: str) -> str | None:
+    """None: the tower's tensors are full on-disk names (`vision.*`) in the main checkpoint."""
+    return None
 # DeepseekV2Config's defaults (configuration_deepseek.py), applied to keys language_config lacks.
 LANGUAGE_DEFAULTS: dict[str, Any] = {
     "vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "moe_intermediate_size": 1407,
@@ -116,7 +126,7 @@ def vision_values(raw: dict[str, Any]) -> dict[str, Any]:
     return {**VISION_DEFAULTS, **_section(raw, "vision_config")}
 
 
-def tower_spec(raw: dict[str, Any]) -> TowerSpec:
+def tower_spec(raw: dict[str, Any], config: ModelConfig | None = None, checkpoint_dir: Path | None = None) -> TowerSpec:
     """The SigLIP tower config.json describes; its weights are `vision.*` in the checkpoint itself."""
     v = vision_values(raw)
     width = int(v["width"])

@@ -20,7 +20,8 @@ import numpy as np
 
 from edgemoe.errors import CheckpointError
 from edgemoe.model.config import ModelConfig, load_config
-from edgemoe.model.names import TOWER_DIR_PREFIX, VISION_PREFIX, TensorSpec, family_tensors
+from edgemoe.families import family_module
+from edgemoe.model.names import TOWER_DIR_PREFIX, TensorSpec, family_tensors
 from edgemoe.model.safetensors_io import SafetensorsFile
 from edgemoe.model.towers import TowerSpec
 
@@ -201,7 +202,7 @@ def _check(canon: str, spec: TensorSpec, source: WeightSource, name: str) -> boo
 def _vision_source(main: WeightSource, config: ModelConfig, tower: TowerSpec) -> tuple[WeightSource, str]:
     """The main checkpoint when it holds the tower's weights, else the tower directory. Families
     without a separate tower prefix (their tower names are full on-disk names) read the main one."""
-    prefix = VISION_PREFIX.get(config.family)
+    prefix = family_module(config.family).vision_prefix(config.family)
     if prefix is None:
         return main, ""
     probe = "embeddings.patch_embedding.weight"

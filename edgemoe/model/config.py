@@ -19,10 +19,9 @@ from edgemoe.errors import ConfigError
 from edgemoe.families import MODEL_TYPES as FAMILY_MODEL_TYPES
 from edgemoe.families import family_module
 from edgemoe.model.routing_rule import RoutingRule, deepspeed_top_k
-from edgemoe.model.towers import TowerSpec, resolve_tower
+from edgemoe.model.towers import TowerSpec
 
-FAMILIES = {"moe_llava_stablelm": "stablelm", "moe_llava_qwen": "qwen", "moe_llava_phi": "phi",
-            **FAMILY_MODEL_TYPES}
+FAMILIES = FAMILY_MODEL_TYPES  # model_type -> family
 
 
 @dataclass(frozen=True)
@@ -104,13 +103,16 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     mla: MLAConfig | None = None  # None: multi-head (GQA-ready) attention with q/k/v/o
+    # Where upstream computes in fp32 inside a half-precision model (edgemoe.reference.layers):
+    attn_scores_fp32: bool = False  # Phi-2 upcasts q and k "to avoid overflow"
+    rotary_fp32: bool = False  # Qwen v1 applies rotary to t.float()
+    context_limit_strict: bool = False  # Qwen v1 rescales rotary past seq_length, which edgemoe does not implement
     candidate_resolutions: tuple[tuple[int, int], ...] = ()  # tiled image layouts (W, H), tile_2d only
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def model_type(self) -> str:
-        module = family_module(self.family)
-        return module.MODEL_TYPE if module is not None else f"moe_llava_{self.family}"
+        return family_module(self.family).model_type(self.family)
 
     @property
     def expert_intermediate_size(self) -> int:
@@ -135,112 +137,13 @@ class ModelConfig:
         return cls(**d)
 
 
-def _get(raw: dict[str, Any], *keys: str, default: Any = ConfigError) -> Any:
-    """First present key among `keys`; a ConfigError naming them when none is and no default."""
-    for k in keys:
-        if k in raw and raw[k] is not None:
-            return raw[k]
-    if default is ConfigError:
-        raise ConfigError(f"config.json lacks {' / '.join(repr(k) for k in keys)}")
-    return default
-
-
-def _parse_moe(raw: dict[str, Any], num_layers: int) -> MoEConfig:
-    moe = raw.get("moe")
-    if not isinstance(moe, dict) or not moe.get("moe_enable", True):
-        raise ConfigError("config.json has no enabled 'moe' block: this is not a MoE-LLaVA checkpoint")
-    layers = tuple(int(i) for i in _get(moe, "moe_layers_idx"))
-    num_experts = _get(moe, "num_experts")
-    if isinstance(num_experts, int):  # tolerate a scalar: the same count on every MoE layer
-        num_experts = [num_experts] * len(layers)
-    if len(num_experts) != len(layers):
-        raise ConfigError(
-            f"moe.num_experts has {len(num_experts)} entries but moe.moe_layers_idx names {len(layers)} layers"
-        )
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise ConfigError(f"moe.moe_layers_idx {bad} outside 0..{num_layers - 1}")
-    top_k = int(moe.get("top_k_experts", 2))
-    if any(int(e) < top_k for e in num_experts):
-        raise ConfigError(f"moe.top_k_experts={top_k} exceeds an entry of moe.num_experts {num_experts}")
-    return MoEConfig(layers, tuple(int(e) for e in num_experts), top_k)
-
-
-def _family_fields(family: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """The keys each family names differently, translated to ModelConfig fields."""
-    hidden = int(_get(raw, "hidden_size"))
-    if family == "stablelm":
-        heads = int(_get(raw, "num_attention_heads", "num_heads"))
-        head_dim = hidden // heads
-        return dict(
-            num_heads=heads, num_kv_heads=int(_get(raw, "num_key_value_heads", default=heads)),
-            head_dim=head_dim, rotary_dim=int(head_dim * float(_get(raw, "rope_pct", "partial_rotary_factor"))),
-            rope_theta=float(_get(raw, "rope_theta", default=10000.0)), norm="layernorm",
-            norm_eps=float(_get(raw, "norm_eps", "layer_norm_eps", default=1e-5)), parallel_block=False,
-            mlp_act="silu_glu", qkv_bias=bool(_get(raw, "use_qkv_bias", default=False)), o_bias=False,
-            mlp_bias=False, lm_head_bias=False, intermediate_size=int(_get(raw, "intermediate_size")),
-            num_layers=int(_get(raw, "num_hidden_layers")),
-        )
-    if family == "qwen":
-        heads = int(_get(raw, "num_attention_heads"))
-        head_dim = int(_get(raw, "kv_channels", default=hidden // heads))
-        return dict(
-            num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
-            rotary_dim=int(head_dim * float(_get(raw, "rotary_pct", default=1.0))),
-            rope_theta=float(_get(raw, "rotary_emb_base", default=10000.0)), norm="rmsnorm",
-            norm_eps=float(_get(raw, "layer_norm_epsilon", default=1e-6)), parallel_block=False,
-            mlp_act="silu_glu", qkv_bias=True, o_bias=False, mlp_bias=False, lm_head_bias=False,
-            # Qwen v1 halves its configured intermediate_size: ff_dim_in = intermediate_size // 2.
-            intermediate_size=int(_get(raw, "intermediate_size")) // 2,
-            num_layers=int(_get(raw, "num_hidden_layers")),
-        )
-    heads = int(_get(raw, "num_attention_heads"))
-    head_dim = hidden // heads
-    return dict(
-        num_heads=heads, num_kv_heads=int(_get(raw, "num_key_value_heads", default=heads)), head_dim=head_dim,
-        rotary_dim=int(head_dim * float(_get(raw, "partial_rotary_factor", default=0.4))),
-        rope_theta=float(_get(raw, "rope_theta", default=10000.0)), norm="layernorm",
-        norm_eps=float(_get(raw, "layer_norm_eps", default=1e-5)), parallel_block=True, mlp_act="gelu_new",
-        qkv_bias=True, o_bias=True, mlp_bias=True, lm_head_bias=False,
-        intermediate_size=int(_get(raw, "intermediate_size")), num_layers=int(_get(raw, "num_hidden_layers")),
-    )
-
-
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
-    """Translate a config.json dict into a ModelConfig (see module docstring)."""
+    """Translate a config.json dict into a ModelConfig through its family's module."""
     model_type = raw.get("model_type")
     if model_type not in FAMILIES:
         known = ", ".join(sorted(FAMILIES))
         raise ConfigError(f"unsupported model_type {model_type!r}: edgemoe reads {known}")
-    family = FAMILIES[model_type]
-    module = family_module(family)
-    if module is not None:
-        return module.parse_config(raw)
-    fields = _family_fields(family, raw)
-    if fields["rotary_dim"] % 2 or fields["rotary_dim"] > fields["head_dim"]:
-        raise ConfigError(f"rotary dims {fields['rotary_dim']} invalid for head_dim {fields['head_dim']}")
-    projector = str(_get(raw, "image_projector_type", "mm_projector_type", default="mlp2x_gelu"))
-    if projector != "mlp2x_gelu":
-        raise ConfigError(f"image_projector_type {projector!r} is not supported (only mlp2x_gelu)")
-    return ModelConfig(
-        family=family,
-        vocab_size=int(_get(raw, "vocab_size")),
-        hidden_size=int(_get(raw, "hidden_size")),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(_get(raw, "max_position_embeddings", "seq_length", default=4096)),
-        moe=_parse_moe(raw, fields["num_layers"]),
-        mm_hidden_size=int(_get(raw, "mm_hidden_size")),
-        mm_projector_type=projector,
-        mm_vision_select_layer=int(_get(raw, "mm_vision_select_layer", default=-2)),
-        mm_vision_select_feature=str(_get(raw, "mm_vision_select_feature", default="patch")),
-        image_aspect_ratio=str(_get(raw, "image_aspect_ratio", default="pad")),
-        mm_image_tower=str(_get(raw, "mm_image_tower", "image_tower")),
-        eos_token_id=raw.get("eos_token_id"),
-        pad_token_id=raw.get("pad_token_id"),
-        bos_token_id=raw.get("bos_token_id"),
-        raw=raw,
-        **fields,
-    )
+    return family_module(FAMILIES[model_type]).parse_config(raw)
 
 
 def load_config(checkpoint_dir: Path) -> tuple[ModelConfig, TowerSpec]:
@@ -255,8 +158,7 @@ def load_config(checkpoint_dir: Path) -> tuple[ModelConfig, TowerSpec]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} is not a JSON object")
     config = parse_config(raw)
-    module = family_module(config.family)
-    tower = module.tower_spec(raw) if module is not None else resolve_tower(config.mm_image_tower, checkpoint_dir)
+    tower = family_module(config.family).tower_spec(raw, config, checkpoint_dir)
     if tower.vision.hidden_size != config.mm_hidden_size:
         raise ConfigError(
             f"mm_hidden_size {config.mm_hidden_size} != vision tower hidden size {tower.vision.hidden_size}"

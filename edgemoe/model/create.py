@@ -36,7 +36,7 @@ from edgemoe.model.config import ModelConfig, parse_config
 from edgemoe.model.family_templates import (FAMILIES, FULL_DIMS, FULL_TOWER_NAMES, SIZES, TINY_DIMS, TINY_TOWERS,
                                             TOWERS, TokenIds, check_choice, dump_json, generation_config_json,
                                             model_config_json)
-from edgemoe.model.names import TOWER_DIR_PREFIX, VISION_PREFIX, TensorSpec, family_tensors
+from edgemoe.model.names import TOWER_DIR_PREFIX, TensorSpec, family_tensors
 from edgemoe.model.safetensors_io import ShardedWriter, ShardNameFn, bf16_to_f32, f32_to_bf16
 from edgemoe.model.tokenizer_files import TokenizerInfo, write_tokenizer_files
 from edgemoe.model.towers import BUILTIN_TOWERS, VisionTowerConfig, write_tower_directory
@@ -233,7 +233,8 @@ def plan_tensors(config: ModelConfig, vision: VisionTowerConfig | None,
         canon = tuple(c for c, _ in parts)
         if spec.vision:
             if tower_in_checkpoint:
-                main.append(DiskTensor(VISION_PREFIX[config.family] + spec.source, shape, canon))
+                prefix = family_module(config.family).vision_prefix(config.family)
+                main.append(DiskTensor(prefix + spec.source, shape, canon))
             else:
                 tower.append(DiskTensor(TOWER_DIR_PREFIX + spec.source, shape, canon))
         else:

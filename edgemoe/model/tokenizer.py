@@ -74,6 +74,7 @@ DEFAULT_ROLES: dict[str, tuple[str, str | None, str | None]] = {
     "deepseek_vl2": ("<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>"),
 }
 PHI_FILES = ("vocab.json", "merges.txt")
+GPT2_BPE_FAMILIES = ("phi",)  # vocab.json + merges.txt (+ added_tokens.json) when there is no tokenizer.json
 
 
 class Tokenizer(ABC):
@@ -153,7 +154,7 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(directory: Path, family: str) -> Tokenizer:
-    """The tokenizer stored in a checkpoint `directory` of `family` ("stablelm" | "qwen" | "phi")."""
+    """The tokenizer stored in a checkpoint `directory` of `family` (one of FAMILIES)."""
     if family not in FAMILIES:
         raise TokenizerError(f"unknown tokenizer family {family!r}; expected one of {', '.join(FAMILIES)}")
     directory = Path(directory)
@@ -162,9 +163,11 @@ def load_tokenizer(directory: Path, family: str) -> Tokenizer:
     roles = Roles(special_token_names(directory), DEFAULT_ROLES[family])
     if (directory / "tokenizer.json").is_file():
         return _load_tokenizer_json(directory / "tokenizer.json", roles)
-    if family == "phi":
+    if family in TIKTOKEN_SPECS:
+        return _load_tiktoken(directory, TIKTOKEN_SPECS[family], roles)
+    if family in GPT2_BPE_FAMILIES:
         return _load_phi(directory, roles)
-    return _load_tiktoken(directory, TIKTOKEN_SPECS[family], roles)
+    raise _missing(directory, "tokenizer.json")
 
 
 def _missing(directory: Path, wanted: str) -> TokenizerError:

@@ -120,8 +120,8 @@ class Attention(nn.Module):
         self.k = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
         self.v = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_bias)
-        self.scores_fp32 = cfg.family == "phi"
-        self.rotary_fp32 = cfg.family == "qwen"
+        self.scores_fp32 = cfg.attn_scores_fp32
+        self.rotary_fp32 = cfg.rotary_fp32
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, past_k: torch.Tensor | None = None,
                 past_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

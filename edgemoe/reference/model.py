@@ -187,7 +187,7 @@ class ReferenceModel(nn.Module):
         start = cached if start_pos is None else int(start_pos)
         if kv_cache is not None and start != cached:
             raise ValueError(f"start_pos {start} does not follow the {cached} cached tokens")
-        if self.config.family == "qwen" and start + n > self.config.max_position_embeddings:
+        if self.config.context_limit_strict and start + n > self.config.max_position_embeddings:
             # Past seq_length Qwen v1 switches to dynamic-NTK rotary and logn attention scaling,
             # which this reference does not implement: refuse rather than silently differ.
             raise EdgeMoEError(f"a Qwen context of {start + n} tokens exceeds seq_length "
