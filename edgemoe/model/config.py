@@ -1,11 +1,11 @@
-"""Model configuration: config.json of a MoE-LLaVA checkpoint -> one frozen `ModelConfig`.
+"""Model configuration: a checkpoint's config.json -> one frozen, family-neutral `ModelConfig`.
 
-Contract: `parse_config(raw, checkpoint_dir)` accepts the three published families
-(`moe_llava_stablelm`, `moe_llava_qwen`, `moe_llava_phi`), each with its own key names, and returns a
-family-neutral `ModelConfig` the reference, exporter and runtime share. The `moe` block is the
-authority for which layers are MoE and how many experts each has. Anything else (an unknown family,
-a missing key, an inconsistent moe block) is a `ConfigError` naming the problem. `model_type` is not
-registered in transformers, so nothing here asks transformers.
+Contract: `ModelConfig` (with `MoEConfig`, its `RoutingRule`, and `MLAConfig` for latent attention)
+is what the reference, exporter and runtime share; it round-trips through `to_dict`/`from_dict`
+(the bundle manifest stores it). `parse_config(raw)` finds the family by `model_type` in the
+registry (`edgemoe.families`: moe_llava_{stablelm,qwen,phi}, deepseek_vl_v2) and lets that family's
+module translate its keys; an unknown model_type is a one-line `ConfigError` naming the known ones.
+`load_config(dir)` also resolves the vision tower through the family. Nothing here knows a family.
 """
 
 from __future__ import annotations

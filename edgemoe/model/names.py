@@ -10,14 +10,18 @@ Contract: everything past the checkpoint reader speaks canonical names only:
     layers.N.attn.{q,k,v}.{weight,bias?}           [heads*D, H] / [heads*D]
     layers.N.attn.o.{weight,bias?}                 [H, heads*D]
     layers.N.mlp.{gate?,up,down}.{weight,bias?}    dense layers; gate only for silu_glu
-    layers.N.router.weight                         [E, H]  MoE layers
+    layers.N.attn.{q,kv_a,kv_a_norm,kv_b,o}.weight  multi-head latent attention (DeepSeek-VL2-Small)
+    layers.N.router.weight / router.bias?          [E, H] / [E] MoE layers (bias: noaux_tc's correction)
     layers.N.experts.K.{gate?,up,down}.{weight,bias?}
-    projector.{0,2}.{weight,bias}
+    layers.N.shared.{gate,up,down}.weight          always-on shared experts (DeepSeek)
+    projector.{0,2}.{weight,bias}                  projector.image_newline / view_separator (DeepSeek)
     vision.<suffix>                                the HF vision_model.<suffix> names
 
 `family_tensors(config, tower)` returns, for every canonical name, a `TensorSpec`: its source name in
-the checkpoint, an optional row range (Qwen fuses q|k|v into one `c_attn`), the expected shape and
-whether the model needs it. The map is the only place that knows each family's naming.
+the checkpoint, an optional row range (Qwen's `c_attn` and timm's `qkv` fuse q|k|v), the expected
+shape (and the on-disk one where it differs), whether the model needs it and whether anything
+computes with it. Each family's module (edgemoe.families) is the only place that knows its naming,
+in its published state-dict order.
 """
 
 from __future__ import annotations
