@@ -11,6 +11,7 @@ import edgemoe.model.config, which consults this registry.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -43,7 +44,7 @@ class GeneratedFamily:
     variant: str
     files_module: str  # provides write_checkpoint_files(directory, variant, size) -> (config dict, TokenizerInfo)
     shard_bytes: int
-    shard_name: object = None  # (prefix, index, count) -> file name; None: HF's default naming
+    shard_name: Callable[[str, int, int], str] | None = None  # (prefix, index, count) -> file name
 
 
 GENERATED_FAMILIES = {
