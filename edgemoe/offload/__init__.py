@@ -20,9 +20,9 @@ from edgemoe.offload.policies import POLICIES, EdgeMoEPolicy, EvictionPolicy, LF
 from edgemoe.offload.predictor import (ExpertPredictor, PredictionStats, PredictionSummary, RouterPredictor,
                                        StatisticalPredictor)
 from edgemoe.offload.prefetcher import Prefetcher, PrefetchStats
-from edgemoe.offload.provider import (ExpertProvider, ExpertRunner, OffloadingProvider, ProviderStats,
-                                      ResidentProvider)
-from edgemoe.offload.store import ExpertStore, OnnxExpert, OnnxExpertStore, StoreStats
+from edgemoe.offload.protocols import ExpertProvider, ExpertRunner, ExpertStore
+from edgemoe.offload.provider import OffloadingProvider, ProviderStats, ResidentProvider
+from edgemoe.offload.store import OnnxExpert, OnnxExpertStore, StoreStats
 
 __all__ = [
     "POLICIES", "Budget", "BudgetError", "CacheCapacityError", "CacheStats", "EdgeMoEPolicy", "EvictionPolicy",

@@ -27,7 +27,7 @@ from edgemoe.offload.errors import CacheCapacityError, OffloadError
 from edgemoe.offload.policies import EvictionPolicy, make_policy
 
 if TYPE_CHECKING:
-    from edgemoe.offload.provider import ExpertRunner
+    from edgemoe.offload.protocols import ExpertRunner
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,7 @@ from edgemoe.offload.errors import OffloadError, OffloadTimeout
 
 if TYPE_CHECKING:
     from edgemoe.offload.cache import ExpertCache
-    from edgemoe.offload.provider import ExpertRunner
-    from edgemoe.offload.store import ExpertStore
+    from edgemoe.offload.protocols import ExpertRunner, ExpertStore
 
 log = logging.getLogger(__name__)
 

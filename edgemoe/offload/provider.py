@@ -25,40 +25,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgemoe.keys import ExpertKey
 from edgemoe.offload.errors import OffloadError
 from edgemoe.offload.predictor import PredictionStats, PredictionSummary
+from edgemoe.offload.protocols import ExpertRunner, ExpertStore
 
 if TYPE_CHECKING:
     from edgemoe.bundle import Bundle
     from edgemoe.offload.cache import CacheStats, ExpertCache
     from edgemoe.offload.predictor import ExpertPredictor
     from edgemoe.offload.prefetcher import PrefetchStats, Prefetcher
-    from edgemoe.offload.store import ExpertStore, StoreStats
+    from edgemoe.offload.store import StoreStats
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class ExpertRunner(Protocol):
-    """One runnable expert: y [N, H] = run(x [N, H] float32); `nbytes` it holds, as the cache counts it."""
-
-    nbytes: int
-
-    def run(self, x: np.ndarray) -> np.ndarray: ...
-
-
-class ExpertProvider(Protocol):
-    """What a MoE layer needs (module docstring)."""
-
-    def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[ExpertKey, ExpertRunner]]: ...
-    def hint(self, layer: int, predicted: Sequence[int]) -> None: ...
-    def stats(self) -> "ProviderStats": ...
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,18 +35,10 @@ from edgemoe.offload.errors import ExpertLoadError, one_line
 
 if TYPE_CHECKING:
     from edgemoe.bundle import Bundle
-    from edgemoe.offload.provider import ExpertRunner
 
 log = logging.getLogger(__name__)
 
 SessionFactory = Callable[[bytes | str], Any]  # serialized model (or a path) -> an InferenceSession
-
-
-class ExpertStore(Protocol):
-    """Makes runnable experts (see module docstring)."""
-
-    def size_of(self, key: ExpertKey) -> int: ...
-    def load(self, key: ExpertKey) -> "ExpertRunner": ...
 
 
 @dataclass(frozen=True)

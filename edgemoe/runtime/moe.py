@@ -21,25 +21,16 @@ Shape legend: N tokens, H hidden, E experts, K experts per token.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from contextlib import closing
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from edgemoe.errors import EdgeMoEError
 from edgemoe.keys import ExpertKey
 from edgemoe.offload.predictor import ExpertPredictor, PredictionStats, RouterPredictor
+from edgemoe.offload.protocols import ExpertProvider
 from edgemoe.runtime.routing import Routers, Routing
-
-
-class ExpertProvider(Protocol):
-    """What the MoE layer needs from `edgemoe.offload` (resident or offloading)."""
-
-    def experts(self, layer: int, needed: Iterable[int]) -> Iterator[tuple[ExpertKey, Any]]: ...
-    def hint(self, layer: int, predicted: Iterable[int]) -> None: ...
-    def stats(self) -> Any: ...
-    def close(self) -> None: ...
 
 
 def run_expert(runner: Any, x: np.ndarray) -> np.ndarray:

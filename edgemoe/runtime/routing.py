@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.errors import EdgeMoEError
-from edgemoe.model.routing_rule import Routing, RoutingRule, deepspeed_top_k, select, softmax, top_k  # noqa: F401
+from edgemoe.model.routing_rule import Routing, RoutingRule, deepspeed_top_k, select
 from edgemoe.model.safetensors_io import SafetensorsFile
 
 def route(m: np.ndarray, weight: np.ndarray, rule: RoutingRule | int, bias: np.ndarray | None = None) -> Routing:
