@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The main job on a built-in tiny demo, on a fresh machine: make a tiny MoE-LLaVA checkpoint in the
-# real on-disk format, export it to an int4 bundle, inspect it, then ask a question about an image
+# The main job on a built-in tiny demo, on a fresh machine: make a tiny checkpoint in the real
+# on-disk format, export it to an int4 bundle, inspect it, then ask a question about an image
 # while the expert cache holds only a quarter of the experts.
+#   bash scripts/demo.sh                      # MoE-LLaVA (StableLM layout)
+#   bash scripts/demo.sh deepseek-vl2-tiny    # DeepSeek-VL2 (64-expert layout shrunk, tiled image)
 set -euo pipefail
+FAMILY="${1:-stablelm}"
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 DEMO="${DEMO_DIR:-/tmp/edgemoe-demo}"
 rm -rf "$DEMO" && mkdir -p "$DEMO"
-edgemoe create-checkpoint "$DEMO/checkpoint" --family stablelm --size tiny
+edgemoe create-checkpoint "$DEMO/checkpoint" --family "$FAMILY" --size tiny
 edgemoe export "$DEMO/checkpoint" -o "$DEMO/bundle" --precision int4
 edgemoe inspect "$DEMO/bundle"
 python - "$DEMO/image.png" <<'PY'
