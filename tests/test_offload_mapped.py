@@ -174,3 +174,21 @@ def test_an_unwritable_cache_falls_back_to_sessions_under_auto(bundle: Bundle, t
     fallback = open_expert_store(bundle, "auto")
     assert store_kind(fallback) == "sessions"
     assert np.array_equal(fallback.load(KEYS[0]).run(x_in()), OnnxExpertStore(bundle).load(KEYS[0]).run(x_in()))
+
+
+def test_session_overhead_is_measured_and_bounded(bundle: Bundle, graphs: PrepackedGraphs) -> None:
+    """The memory budget sets aside what expert sessions really cost here: sampled sessions (opened,
+    so they are the store's from then on), a margin, never more than the old fixed ceiling."""
+    from edgemoe.offload.mapped import OVERHEAD_FLOOR, anonymous_rss
+    from edgemoe.offload.prepacked import SESSION_OVERHEAD
+
+    store = MappedExpertStore(bundle, graphs)
+    assert anonymous_rss() is not None and store.sessions == 0
+    per = store.per_session_overhead(sample=2)
+    assert OVERHEAD_FLOOR <= per <= SESSION_OVERHEAD
+    assert store.sessions == 2  # the sampled sessions were built, as a first load would
+    total = store.session_overhead_bytes  # samples the remaining experts
+    assert store.sessions == len(KEYS)
+    assert OVERHEAD_FLOOR * len(KEYS) <= total <= SESSION_OVERHEAD * len(KEYS)
+    y = store.load(KEYS[0]).run(x_in())  # sessions opened by the measurement still run
+    assert y.shape == (3, H)

@@ -11,7 +11,8 @@ microseconds and a page-cache miss costs a copy-free mapping instead of a sessio
 milliseconds). `size_of(key)` is the expert's mapped bytes: what paging it in adds to the process's
 RSS and evicting it gives back, known before any load, so budgets are exact. Sessions are never
 freed, so their small private memory is not the cache's: `session_overhead_bytes` (every expert's
-session at once) is a fixed cost a memory budget sets aside.
+session at once, at a per-session cost measured on this machine) is a fixed cost a memory budget
+sets aside.
 
 Correctness never depends on residency: a session whose pages were dropped still runs (the kernel
 faults them back), so outputs equal the session store's bit for bit whatever the cache does.
@@ -48,6 +49,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MADV_WILLNEED, MADV_DONTNEED, MADV_POPULATE_READ = 3, 4, 22  # Linux asm-generic/mman-common.h
+# One expert session's private memory is measured, not assumed (measured 174 KiB for DeepSeek-VL2-Tiny's
+# 1.8 MB int4 experts, about 0.5 MB for StableLM's 18 MB ones): sample the largest experts, add a margin.
+OVERHEAD_SAMPLE = 8
+OVERHEAD_MARGIN = 1.5
+OVERHEAD_FLOOR = 64 << 10
+
+
+def anonymous_rss() -> int | None:
+    """This process's anonymous resident bytes (RssAnon in /proc/self/status), or None off Linux."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _madvise_fn() -> Any:
@@ -167,6 +185,7 @@ class MappedExpertStore:
         self._lock = threading.Lock()
         self._key_locks: dict[ExpertKey, threading.Lock] = {k: threading.Lock() for k in self.keys()}
         self._experts: dict[ExpertKey, MappedExpert] = {}
+        self._overhead: int | None = None  # per-session private bytes, measured on first ask
         self._paths, self._sizes = self._prepare(progress)
 
     def keys(self) -> tuple[ExpertKey, ...]:
@@ -198,8 +217,28 @@ class MappedExpertStore:
 
     @property
     def session_overhead_bytes(self) -> int:
-        """Private memory of every expert's session, once all exist (they are never freed)."""
-        return SESSION_OVERHEAD * len(self._sizes)
+        """Private memory of every expert's session, once all exist (they are never freed): measured on
+        this machine by `per_session_overhead`, never more than the SESSION_OVERHEAD ceiling each."""
+        if self._overhead is None:
+            self._overhead = self.per_session_overhead()
+        return self._overhead * len(self._sizes)
+
+    def per_session_overhead(self, sample: int = OVERHEAD_SAMPLE) -> int:
+        """Bytes of private memory one expert session costs here: `sample` sessions are opened (each
+        would be on its first load anyway) and the process's anonymous RSS measured around them, times
+        OVERHEAD_MARGIN (allocator noise, larger experts), between OVERHEAD_FLOOR and SESSION_OVERHEAD.
+        Where the measurement cannot be made (no /proc, every session already open) the ceiling holds."""
+        pending = sorted((k for k in self.keys() if k not in self._experts), key=self.size_of, reverse=True)[:sample]
+        before = anonymous_rss()
+        if not pending or before is None:
+            return SESSION_OVERHEAD
+        for key in pending:
+            self._open(key)
+        grown = max(0, (anonymous_rss() or before) - before)
+        measured = int(grown / len(pending) * OVERHEAD_MARGIN)
+        log.info("expert sessions cost %d bytes of private memory each here (%d sampled, x%.1f margin)",
+                 grown // len(pending), len(pending), OVERHEAD_MARGIN)
+        return min(SESSION_OVERHEAD, max(OVERHEAD_FLOOR, measured))
 
     def size_of(self, key: ExpertKey) -> int:
         try:
