@@ -3,6 +3,10 @@ at DeepSeek-VL2-Tiny's expert shape (hidden 1280, expert width 896, 64 experts, 
 
     python bench/qmoe_probe.py [WEIGHTS_PREPACKED]      # e.g. 0 (raw layout), 1, -1; default: the op's default
 
+Last, it saves the layer with ORT's prepacked-weights saving and opens a session on the result, to see
+whether the packed experts are mapped from a file (pageable per expert, as the mapped store needs) or
+copied into private memory.
+
 It checks the layout against a numpy reference of the dequantized weights (gate and up rows interleaved:
 CPU QMoE takes only swiglu_fusion=1), routes with `router_weights` (so the weights are DeepSeek's own,
 not QMoE's softmax) and times one decoded token and a 1,024-token prefill per layer. Random weights.
@@ -79,3 +83,39 @@ s.run(None, {"x": xs, "probs": psel, "rw": wsel})
 t0 = time.perf_counter()
 for _ in range(3): s.run(None, {"x": xs, "probs": psel, "rw": wsel})
 print(f"prefill 1024 tokens, acc 4: {(time.perf_counter()-t0)/3*1e3:.1f} ms per layer")
+
+# Paging: does the op keep its packed weights in a file ORT maps (so an expert's pages can be dropped
+# and faulted back, as the mapped store does for MatMulNBits), or in private memory? Save the layer
+# with ORT's prepacked-weights saving, open a session on the result and watch RssAnon / RssFile.
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import onnx  # noqa: E402
+
+from edgemoe.offload.prepacked import write_prepacked  # noqa: E402
+from edgemoe.offload.sessions import session_options  # noqa: E402
+
+
+def _rss() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) // 1024 for line in f if line.startswith(("RssAnon", "RssFile"))}
+
+
+work = Path(tempfile.mkdtemp(prefix="qmoe-"))
+node = helper.make_node("QMoE", ["x", "probs", "fc1w", "fc1s", "", "fc2w", "fc2s", "", "", "", "", "", "", "", "rw"],
+                        ["y"], domain="com.microsoft", k=K, activation_type="swiglu", swiglu_fusion=1,
+                        activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=4, block_size=B,
+                        normalize_routing_weights=0, accuracy_level=4, **PACK)
+graph = helper.make_graph([node], "qmoe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", H]),
+    helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", E]),
+    helper.make_tensor_value_info("rw", TensorProto.FLOAT, ["N", E])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", H])], inits)
+proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+proto.ir_version = 8
+onnx.save_model(proto, str(work / "layer.onnx"))
+packed_graph, packed_data = write_prepacked(work / "layer.onnx", work, "packed", session_options)
+for t in onnx.load(str(packed_graph), load_external_data=False).graph.initializer:
+    print(t.name, {e.key: e.value[:70] for e in t.external_data if e.key.startswith("prepacked")})
+before = _rss()
+packed_session = ort.InferenceSession(str(packed_graph), session_options(), providers=["CPUExecutionProvider"])
+print(f"session on the prepacked layer: RSS MB before {before}, after {_rss()} (weights {packed_data.stat().st_size >> 20} MB on disk)")
