@@ -46,7 +46,9 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
     "policy": Flag(str, "lru", "--policy", "Expert eviction policy: lru | lfu | edgemoe."),
     "expert_store": Flag(str, "auto", "--expert-store", "How experts are paged: mapped (sessions built once, "
                                                         "weight pages paged in and out; Linux) | sessions (a "
-                                                        "session built per load) | auto (mapped where possible)."),
+                                                        "session built per load) | fused (each layer's int4 "
+                                                        "experts in one resident QMoE session; no budget) | "
+                                                        "auto (mapped where possible)."),
     "temperature": Flag(float, 0.0, "--temperature"),
     "top_p": Flag(float, 1.0, "--top-p", "Nucleus sampling mass (with --temperature > 0)."),
     "seed": Flag(int, 0, "--seed"),

@@ -93,7 +93,7 @@ def test_checkpoint_reads_every_tensor_by_canonical_name(deepseek_checkpoints):
         "vision.encoder.layers.0.self_attn.k_proj.weight")
     assert q.shape == k.shape == (32, 32) and not (q == k).all()
     assert ckpt.tensor("layers.1.attn.kv_b.weight").shape == (4 * (16 + 16), 32)
-    assert ckpt.tensor("layers.2.shared.down.weight").shape == (64, 128)
+    assert ckpt.tensor("layers.2.shared.down.weight").shape == (128, 256)
 
 
 def test_inspect_counts_a_created_checkpoint(deepseek_checkpoints):

@@ -231,7 +231,7 @@ def _upstream_layout(images_embeds, image_newline, view_seperator, num_width_til
 @pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (1, 3), (3, 1), (2, 4)])
 def test_layout_matches_upstream_prepare_inputs_embeds(deepseek_checkpoints, rows, cols):
     ours = ReferenceModel.from_checkpoint(Checkpoint.open(deepseek_checkpoints["small"]))
-    tiles = torch.randn(1 + rows * cols, 4, 64, generator=torch.Generator().manual_seed(rows * 10 + cols))
+    tiles = torch.randn(1 + rows * cols, 4, 128, generator=torch.Generator().manual_seed(rows * 10 + cols))
     p = ours.projector
     with torch.no_grad():
         got = p.arrange(tiles, rows, cols)

@@ -146,6 +146,8 @@ def ask_command(ctx: SweepContext, expert: Budget | None, memory: Budget | None,
     o = ctx.options
     cmd = [o.python, "-m", "edgemoe.cli", "ask", str(ctx.bundle.root), o.question, "--image", str(ctx.image),
            "--max-tokens", str(o.tokens), "--json", "--expert-store", store]
+    if store == FUSED:  # resident by construction: planned_runs only gives it the full budget
+        expert = memory = None
     if expert is not None:
         cmd += ["--expert-budget", expert.text]
     if memory is not None:
@@ -223,22 +225,39 @@ def prepared_files(bundle: Bundle) -> list[Path]:
 
 
 def prepare_experts(bundle: Bundle, stores: tuple[str, ...]) -> None:
-    """Write the prepacked expert graphs a mapped run needs (a first-run step, not a timed one)."""
+    """Write the prepacked graphs mapped and fused runs need (a first-run step, not a timed one)."""
     from edgemoe.offload.mapped import mapped_store_supported
     from edgemoe.runtime.providers import open_expert_store
 
-    if any(s in ("auto", "mapped") for s in stores) and mapped_store_supported():
+    kinds = (["mapped"] if any(s in ("auto", "mapped") for s in stores) and mapped_store_supported() else [])
+    kinds += [FUSED] if FUSED in stores else []
+    for kind in kinds:
         try:
-            open_expert_store(bundle, "mapped").close()
+            open_expert_store(bundle, kind).close()
         except EdgeMoEError as exc:  # each run reports it (or falls back) on its own
-            log.warning("cannot prepare the experts for this machine: %s", exc)
+            log.warning("cannot prepare the %s experts for this machine: %s", kind, exc)
+
+
+FUSED = "fused"  # the store whose experts are all resident in one QMoE session per layer: no budget applies
+
+
+def planned_runs(options: BenchOptions) -> list[tuple[Budget | None, Budget | None, str, str]]:
+    """(expert budget, memory budget, store, policy) of every edgemoe run, in order; the fused store
+    runs only where the budget is every expert (100%, or none given)."""
+    runs = []
+    for expert, memory in options.budget_pairs():
+        for store in options.expert_stores:
+            full = memory is None and (expert is None or expert.fraction == 1.0)
+            if store == FUSED and not full:
+                continue
+            runs += [(expert, memory, store, policy) for policy in options.policies]
+    return runs
 
 
 def _steps(options: BenchOptions) -> int:
     from edgemoe.bench.peers import peer_steps
 
-    runs = len(options.budget_pairs()) * len(options.policies) * len(options.expert_stores)
-    return 2 + runs + (peer_steps(options) if options.peers else 0)
+    return 2 + len(planned_runs(options)) + (peer_steps(options) if options.peers else 0)
 
 
 def _reported_prompt(runs: list[BenchRun]) -> int | None:
@@ -278,11 +297,9 @@ def run_bench(bundle_path: str | Path, options: BenchOptions = BenchOptions(),
             size = img.size
         ctx = SweepContext(bundle, options, image, bandwidths, estimate_prompt_tokens(bundle, options.question, size))
         runs = []
-        for expert, memory in options.budget_pairs():
-            for store in options.expert_stores:
-                for policy in options.policies:
-                    runs.append(run_edgemoe(ctx, expert, memory, policy, store))
-                    step(runs[-1].label)
+        for expert, memory, store, policy in planned_runs(options):
+            runs.append(run_edgemoe(ctx, expert, memory, policy, store))
+            step(runs[-1].label)
         peers = run_peers(ctx, runs, Path(scratch), step) if options.peers else ()
     return BenchReport(
         bundle=str(bundle.root), bundle_bytes=bundle.manifest.total_bytes,

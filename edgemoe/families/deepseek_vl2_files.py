@@ -53,11 +53,11 @@ FULL_LANGUAGE = {
               "rm_head": False, "topk_method": "greedy", "torch_dtype": "bfloat16"},
 }
 # Tiny sizes: three layers (dense, MoE, MoE), 8 experts top-3, head dims divisible by 8 (ORT kernels),
-# experts 64 wide (a 64 x 64 matrix is the smallest the exporter treats as a weight).
+# hidden and expert widths of 128: one int4 block, so ORT's QMoE can run the experts (edgemoe.offload.fused).
 TINY_LANGUAGE = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64, "n_routed_experts": 8,
+    "tiny": {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128, "n_routed_experts": 8,
              "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts_per_tok": 3, "num_hidden_layers": 3},
-    "small": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64, "n_routed_experts": 8,
+    "small": {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128, "n_routed_experts": 8,
               "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts_per_tok": 3, "num_hidden_layers": 3,
               "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16},
 }

@@ -72,6 +72,9 @@ class GenerationOptions:
             raise EdgeMoEError(f"max tokens must be at least 1, got {self.max_tokens}")
         if self.expert_store not in EXPERT_STORES:
             raise EdgeMoEError(f"unknown expert store {self.expert_store!r}: expected one of {', '.join(EXPERT_STORES)}")
+        if self.expert_store == "fused" and (self.expert_budget is not None or self.memory_budget is not None):
+            raise EdgeMoEError("--expert-store fused keeps every expert resident: an expert or memory budget needs "
+                               "--expert-store mapped, sessions or auto")
         if self.policy not in POLICIES:
             raise EdgeMoEError(f"unknown eviction policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
         self.sampler()  # validates the sampling settings now
@@ -143,6 +146,11 @@ class ChatSession:
         engine = Engine(self.trunk, moe, self.logit_limit, capacity)
         engine.warm_up()
         store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress)  # before the baseline
+        if store_kind(store) == "fused":  # every expert resident in its layer's session: the store provides
+            self.provider = moe.provider = store
+            self.engine = engine
+            self._load_s += time.monotonic() - t0
+            return engine
         sizes = resident_sizes(store)
         self.budget = plan_budget(self.bundle, opts.memory_budget, opts.expert_budget,
                                   baseline_rss=psutil.Process().memory_info().rss,
@@ -237,7 +245,7 @@ class ChatSession:
             peak_rss_bytes=rss.peak, max_rss_bytes=max_rss_bytes(),
             expert_budget_bytes=self.budget.expert_bytes if self.budget else None,
             policy=self.options.policy if self.budget and self.budget.offloading else "resident",
-            expert_store=store_kind(getattr(self.provider, "store", None)),
+            expert_store=store_kind(getattr(self.provider, "store", self.provider)),
             expert_cache_fraction=self.budget.expert_bytes / self.budget.all_expert_bytes
             if self.budget and self.budget.offloading else None)
 

@@ -62,8 +62,12 @@ class MoELayer:
         if hinted is not None:
             self.predictions.record(hinted, needed)
         self.predictor.observe(layer, needed)
-        outputs = self._run_experts(layer, needed, routing, m)  # dispatch + experts (+ next-layer hint)
-        routed = combine(outputs, routing, m.shape)  # combine
+        run_layer = getattr(self.provider, "run_layer", None)
+        if run_layer is not None:  # fused experts: the whole layer in one call, nothing to page
+            routed = run_layer(layer, m, routing)
+        else:
+            outputs = self._run_experts(layer, needed, routing, m)  # dispatch + experts (+ next-layer hint)
+            routed = combine(outputs, routing, m.shape)  # combine
         return h + (routed if shared is None else routed + shared)
 
     def _hint_next(self, layer: int, m: np.ndarray) -> None:

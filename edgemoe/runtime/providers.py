@@ -2,8 +2,9 @@
 
 Contract: `open_expert_store(bundle, kind)` picks where experts come from: "mapped" (prepacked
 sessions whose weight pages are paged, `edgemoe.offload.mapped`), "sessions" (a session built per
-load, `OnnxExpertStore`), or "auto": mapped where this machine supports it and its cache directory is
-writable, sessions otherwise (logged). `make_provider(bundle, capacity, policy, store)` returns `edgemoe.offload.ResidentProvider` (every
+load, `OnnxExpertStore`), "fused" (each layer's int4 experts in one resident QMoE session,
+`edgemoe.offload.fused`: no budget applies; the store is its own provider), or "auto": mapped where
+this machine supports it and its cache directory is writable, sessions otherwise (logged). `make_provider(bundle, capacity, policy, store)` returns `edgemoe.offload.ResidentProvider` (every
 expert loaded once) when no budget applies (capacity None), else an `OffloadingProvider` over the
 bundle's experts with a cache of `capacity` bytes and the named eviction policy. The runtime's MoE
 layer gives the hints itself (`moe.MoELayer`), so the provider gets no predictor of its own.
@@ -21,12 +22,13 @@ from typing import Any
 from edgemoe.bundle import Bundle
 from edgemoe.offload import POLICIES, OffloadingProvider, OnnxExpertStore, ResidentProvider
 from edgemoe.offload.errors import OffloadError, PrepareError
+from edgemoe.offload.fused import FusedExperts
 from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
 from edgemoe.offload.sessions import configure_process, session_factory
 
 log = logging.getLogger(__name__)
 
-EXPERT_STORES = ("auto", "mapped", "sessions")
+EXPERT_STORES = ("auto", "mapped", "sessions", "fused")
 
 
 def open_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[int, int], None] | None = None) -> Any:
@@ -34,6 +36,8 @@ def open_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[in
     if kind not in EXPERT_STORES:
         raise OffloadError(f"unknown expert store {kind!r}: expected one of {', '.join(EXPERT_STORES)}")
     configure_process()
+    if kind == "fused":  # every layer's experts in one resident QMoE session (edgemoe.offload.fused)
+        return FusedExperts(bundle, progress=progress)
     if kind == "sessions" or (kind == "auto" and not mapped_store_supported()):
         return OnnxExpertStore(bundle, session_factory())
     try:
@@ -46,7 +50,9 @@ def open_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[in
 
 
 def store_kind(store: Any) -> str:
-    """How a store pages experts: "mapped" or "sessions" (what generation stats report)."""
+    """How a store pages experts: "mapped", "sessions" or "fused" (what generation stats report)."""
+    if isinstance(store, FusedExperts):
+        return "fused"
     return "mapped" if isinstance(store, MappedExpertStore) else "sessions"
 
 
