@@ -35,7 +35,7 @@ for e in range(E):
 fc1w, fc1s, fc2w, fc2s = map(np.stack, (fc1w, fc1s, fc2w, fc2s))
 inits = [numpy_helper.from_array(fc1w, "fc1w"), numpy_helper.from_array(fc1s, "fc1s"),
          numpy_helper.from_array(fc2w, "fc2w"), numpy_helper.from_array(fc2s, "fc2s")]
-def build(fusion, acc):
+def layer_model(fusion, acc):
     node = helper.make_node("QMoE", ["x", "probs", "fc1w", "fc1s", "", "fc2w", "fc2s", "", "", "", "", "", "", "", "rw"], ["y"],
                             domain="com.microsoft", k=K, activation_type="swiglu", swiglu_fusion=fusion,
                             activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=4, block_size=B,
@@ -46,8 +46,12 @@ def build(fusion, acc):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", H])], inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     m.ir_version = 8
+    return m
+
+
+def build(fusion, acc):
     so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(layer_model(fusion, acc).SerializeToString(), so, providers=["CPUExecutionProvider"])
 import sys
 PACK = {} if len(sys.argv) < 2 else {"weights_prepacked": int(sys.argv[1])}
 x = rng.standard_normal((1, H), dtype=np.float32)
@@ -102,16 +106,7 @@ def _rss() -> dict[str, int]:
 
 
 work = Path(tempfile.mkdtemp(prefix="qmoe-"))
-node = helper.make_node("QMoE", ["x", "probs", "fc1w", "fc1s", "", "fc2w", "fc2s", "", "", "", "", "", "", "", "rw"],
-                        ["y"], domain="com.microsoft", k=K, activation_type="swiglu", swiglu_fusion=1,
-                        activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=4, block_size=B,
-                        normalize_routing_weights=0, accuracy_level=4, **PACK)
-graph = helper.make_graph([node], "qmoe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", H]),
-    helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", E]),
-    helper.make_tensor_value_info("rw", TensorProto.FLOAT, ["N", E])],
-    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", H])], inits)
-proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-proto.ir_version = 8
+proto = layer_model(1, 4)
 onnx.save_model(proto, str(work / "layer.onnx"))
 packed_graph, packed_data = write_prepacked(work / "layer.onnx", work, "packed", session_options)
 for t in onnx.load(str(packed_graph), load_external_data=False).graph.initializer:
