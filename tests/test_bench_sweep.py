@@ -148,3 +148,13 @@ def test_tiny_end_to_end(tmp_path: Path) -> None:
     assert BenchReport.from_json(out.read_text()) == report and plot.stat().st_size > 0
     assert json.loads(result.stdout)["runs"][1]["expert_budget"] == "50%"
     assert os.path.isfile(plot)
+
+
+def test_the_fused_store_runs_only_at_the_full_budget() -> None:
+    from edgemoe.bench.sweep import planned_runs
+
+    options = BenchOptions.parse("100%,50%", None, "lru", "mapped,fused", tokens=5)
+    plan = [(expert.text, store) for expert, _, store, _ in planned_runs(options)]
+    assert plan == [("100%", "mapped"), ("100%", "fused"), ("50%", "mapped")]
+    memory = BenchOptions.parse(None, "2GB", "lru", "fused", tokens=5)
+    assert planned_runs(memory) == []  # a memory budget is never the full one
