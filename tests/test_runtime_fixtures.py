@@ -118,7 +118,7 @@ def run_engine(bundle_path: Path, image: Path, capacity_bytes: int | None = None
     trunk = Trunk.open(bundle)
     provider = make_provider(bundle, capacity_bytes, policy, open_expert_store(bundle, store))
     try:
-        routers = Routers.load(bundle.path_of("routers.safetensors"), cfg.moe.layers, cfg.moe.rule)
+        routers = Routers.load(bundle.path_of("routers.safetensors"), cfg.moe.layers, cfg.moe.routing)
         engine = Engine(trunk, MoELayer(routers, provider, cfg.moe.layers, cfg.moe.top_k),
                         manifest.tokenizer["len_tokenizer"], 256)
         features = trunk.encode_image(image_input(bundle_path, image))

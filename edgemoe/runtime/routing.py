@@ -56,6 +56,6 @@ class Routers:
         return self.weights[layer]
 
     def route(self, layer: int, m: np.ndarray, k: int) -> Routing:
-        """Layer `layer`'s routing of m [N, H]: the model's rule, or MoE-LLaVA's top-k when it has none."""
-        rule = self.rule if self.rule is not None else deepspeed_top_k(k)
-        return route(m, self.weights[layer], rule, self.biases.get(layer))
+        """Layer `layer`'s routing of m [N, H]: the rule given at load (the runtime passes the model's
+        `moe.routing`, so the hot path builds no rule), else MoE-LLaVA's top-k."""
+        return route(m, self.weights[layer], self.rule if self.rule is not None else k, self.biases.get(layer))
