@@ -121,7 +121,7 @@ class ChatSession:
                 parse_size(spec, 1 << 40)  # a percentage of any total: syntax only
         self.trunk = Trunk.open(self.bundle)
         self.routers = Routers.load(self.bundle.path_of("routers.safetensors"), self.config.moe.layers,
-                                    self.config.moe.rule)
+                                    self.config.moe.routing)
         self.sampler = options.sampler()
         self.engine: Engine | None = None
         self.provider: Any = None
@@ -146,21 +146,23 @@ class ChatSession:
         engine = Engine(self.trunk, moe, self.logit_limit, capacity)
         engine.warm_up()
         store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress)  # before the baseline
-        if store_kind(store) == "fused":  # every expert resident in its layer's session: the store provides
-            self.provider = moe.provider = store
-            self.engine = engine
-            self._load_s += time.monotonic() - t0
-            return engine
-        sizes = resident_sizes(store)
+        self.provider = moe.provider = self._provider(store, engine, prompt_positions)
+        self.engine = engine
+        self._load_s += time.monotonic() - t0
+        log.info("ready in %.2f s: %s", self._load_s, self.budget.describe() if self.budget else "fused experts")
+        return engine
+
+    def _provider(self, store: Any, engine: Engine, prompt_positions: int) -> Any:
+        """The store itself for fused experts (all resident, no budget); else the budget is planned
+        from the measured baseline and a resident or offloading provider made over the store."""
+        if store_kind(store) == "fused":
+            return store
+        opts = self.options
         self.budget = plan_budget(self.bundle, opts.memory_budget, opts.expert_budget,
                                   baseline_rss=psutil.Process().memory_info().rss,
                                   kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
-                                  sizes=sizes, fixed_bytes=getattr(store, "session_overhead_bytes", 0))
-        self.provider = moe.provider = make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store)
-        self.engine = engine
-        self._load_s += time.monotonic() - t0
-        log.info("ready in %.2f s: %s", self._load_s, self.budget.describe())
-        return engine
+                                  sizes=resident_sizes(store), fixed_bytes=getattr(store, "session_overhead_bytes", 0))
+        return make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store)
 
     def image_features(self) -> list[np.ndarray] | None:
         """The conversation's images, preprocessed and projected, [N_i, H] each (encoded once)."""
