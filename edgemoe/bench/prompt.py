@@ -33,17 +33,15 @@ def synthetic_image(path: Path, size: tuple[int, int] = (480, 360), seed: int = 
 def image_tokens(bundle: Bundle, image_size: tuple[int, int] | None = None) -> int:
     """Prompt rows of one image: the tower's features (576 for CLIP-L/14-336 with select_feature
     'patch'); for tiled layouts, the grid an image of `image_size` (W, H) gets (1 x 1 without one)."""
-    manifest = bundle.manifest
-    cfg = manifest.model_config()
-    vision = manifest.vision_config()
-    if cfg.image_aspect_ratio == "tile_2d":
-        from edgemoe.model.tiling import best_resolution, image_token_count, tokens_per_side
+    from edgemoe.model.summary import image_token_count
+    from edgemoe.model.tiling import TILED, best_resolution
 
-        w, h = best_resolution(image_size, cfg.candidate_resolutions) if image_size else (vision.image_size,) * 2
-        side = tokens_per_side(vision.image_size, vision.patch_size)
-        return image_token_count(side, h // vision.image_size, w // vision.image_size)
-    positions = vision.num_positions
-    return positions - (1 if manifest.vision.get("select_feature", "patch") == "patch" else 0)
+    cfg, vision = bundle.manifest.model_config(), bundle.manifest.vision_config()
+    grid = (1, 1)
+    if cfg.image_aspect_ratio == TILED and image_size is not None:
+        w, h = best_resolution(image_size, cfg.candidate_resolutions)
+        grid = (h // vision.image_size, w // vision.image_size)
+    return image_token_count(cfg, vision, grid)
 
 
 def estimate_prompt_tokens(bundle: Bundle, question: str, image_size: tuple[int, int] | None = None) -> int | None:

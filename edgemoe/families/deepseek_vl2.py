@@ -32,6 +32,7 @@ from edgemoe.errors import ConfigError
 from edgemoe.model.config import MLAConfig, ModelConfig, MoEConfig
 from edgemoe.model.names import TensorSpec
 from edgemoe.model.routing_rule import RoutingRule
+from edgemoe.model.tiling import TILED
 from edgemoe.model.towers import ImageProcessorConfig, TowerSpec, VisionTowerConfig
 
 MODEL_TYPE = "deepseek_vl_v2"
@@ -182,7 +183,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         lm_head_bias=False, tie_word_embeddings=bool(lang["tie_word_embeddings"]),
         max_position_embeddings=int(lang["max_position_embeddings"]), moe=_moe(lang, layers),
         mm_hidden_size=tower.vision.hidden_size, mm_projector_type="downsample_mlp_gelu",
-        mm_vision_select_layer=-1, mm_vision_select_feature="full_normed", image_aspect_ratio="tile_2d",
+        mm_vision_select_layer=-1, mm_vision_select_feature="full_normed", image_aspect_ratio=TILED,
         mm_image_tower=tower.name, eos_token_id=lang["eos_token_id"], pad_token_id=lang["pad_token_id"],
         bos_token_id=lang["bos_token_id"], mla=mla,
         candidate_resolutions=_candidates(raw, tower.vision.image_size), raw=raw,

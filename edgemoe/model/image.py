@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edgemoe.errors import ConfigError, ImageError
-from edgemoe.model.tiling import tile_image
+from edgemoe.model.tiling import TILED, tile_image
 from edgemoe.model.towers import ImageProcessorConfig
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -34,9 +34,7 @@ ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 DEFAULT_MAX_PIXELS = 64_000_000
 
 # Upstream pads only for "pad"; LLaVA's default "square" sends the image straight to the processor.
-# "tile_2d" is DeepSeek-VL2's global view plus a grid of local tiles (edgemoe.model.tiling).
 ASPECTS = ("pad", "square")
-TILED = "tile_2d"
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import Any
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.names import family_tensors, is_llm_tensor
 from edgemoe.model.tiling import image_token_count as tiled_token_count
-from edgemoe.model.tiling import tokens_per_side
-from edgemoe.model.towers import TowerSpec
+from edgemoe.model.tiling import TILED, tokens_per_side
+from edgemoe.model.towers import TowerSpec, VisionTowerConfig
 
 # 4-bit experts are stored as MatMulNBits blocks: 128 weights share one fp32 scale (symmetric).
 INT4_BLOCK = 128
@@ -84,12 +84,13 @@ def expert_size(params: int, matrices: list[tuple[int, ...]]) -> ExpertSize:
     )
 
 
-def image_token_count(config: ModelConfig, tower: TowerSpec, grid: tuple[int, int] = (1, 1)) -> int:
-    """Image tokens spliced into the prompt. MoE-LLaVA: patches (+CLS for CLIP) minus the dropped
-    first one. Tiled layouts: global view + separator + `grid` (rows, cols) of local tiles."""
-    if config.image_aspect_ratio != "tile_2d":
-        return tower.vision.num_positions - 1
-    side = tokens_per_side(tower.vision.image_size, tower.vision.patch_size)
+def image_token_count(config: ModelConfig, vision: VisionTowerConfig, grid: tuple[int, int] = (1, 1)) -> int:
+    """Image tokens spliced into the prompt. MoE-LLaVA: every position (+CLS for CLIP), less the first
+    for "patch" features (SigLIP's first patch too, as upstream). Tiled layouts: global view +
+    separator + `grid` (rows, cols) of local tiles."""
+    if config.image_aspect_ratio != TILED:
+        return vision.num_positions - (config.mm_vision_select_feature == "patch")
+    side = tokens_per_side(vision.image_size, vision.patch_size)
     return tiled_token_count(side, *grid)
 
 
@@ -129,12 +130,12 @@ def summarize_checkpoint(config: ModelConfig, tower: TowerSpec) -> ModelSummary:
         all_params=all_params, token_params=active - (config.vocab_size - 1) * config.hidden_size,
         shared_expert_params=shared, dense_layers=config.dense_layers,
         attention="mla" if config.mla is not None else "mha", routing=_routing_text(config),
-        max_image_tokens=max((image_token_count(config, tower, g) for g in grids), default=0),
+        max_image_tokens=max((image_token_count(config, tower.vision, g) for g in grids), default=0),
         family=config.family, model_type=config.model_type, num_layers=config.num_layers,
         hidden_size=config.hidden_size, intermediate_size=config.expert_intermediate_size,
         moe_layers=config.moe.layers, experts_per_layer=config.moe.num_experts, top_k=config.moe.top_k,
         total_params=total, active_params=active, expert_params_total=expert_total,
         expert=expert_size(per_expert, [s for s in one if len(s) == 2] + [s for s in one if len(s) == 1]),
         vision_tower=tower.name, vision_kind=tower.vision.kind, vision_params=vision,
-        image_tokens=image_token_count(config, tower), projector_params=projector,
+        image_tokens=image_token_count(config, tower.vision), projector_params=projector,
     )

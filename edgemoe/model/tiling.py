@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+TILED = "tile_2d"  # the image_aspect_ratio naming this layout
 PAD_GREY = (127, 127, 127)  # int(0.5 * 255): upstream pads with the mean colour
 
 
