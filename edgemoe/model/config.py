@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.errors import ConfigError
-from edgemoe.families import MODEL_TYPES as FAMILY_MODEL_TYPES
-from edgemoe.families import family_module
+from edgemoe.families import MODEL_TYPES, family_module
 from edgemoe.model.routing_rule import RoutingRule, deepspeed_top_k
 from edgemoe.model.towers import TowerSpec
 
-FAMILIES = FAMILY_MODEL_TYPES  # model_type -> family
 
 
 @dataclass(frozen=True)
@@ -140,10 +138,10 @@ class ModelConfig:
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
     """Translate a config.json dict into a ModelConfig through its family's module."""
     model_type = raw.get("model_type")
-    if model_type not in FAMILIES:
-        known = ", ".join(sorted(FAMILIES))
+    if model_type not in MODEL_TYPES:
+        known = ", ".join(sorted(MODEL_TYPES))
         raise ConfigError(f"unsupported model_type {model_type!r}: edgemoe reads {known}")
-    return family_module(FAMILIES[model_type]).parse_config(raw)
+    return family_module(MODEL_TYPES[model_type]).parse_config(raw)
 
 
 def load_config(checkpoint_dir: Path) -> tuple[ModelConfig, TowerSpec]:

@@ -20,7 +20,6 @@ weights is not done yet, so no expert or memory budget applies to this store.
 from __future__ import annotations
 
 import hashlib
-import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +34,6 @@ from edgemoe.offload.prepacked import PrepackedGraphs
 if TYPE_CHECKING:
     from edgemoe.bundle import Bundle
     from edgemoe.model.routing_rule import Routing
-
-log = logging.getLogger(__name__)
 
 FUSED_VERSION = b"edgemoe-qmoe-1"  # part of each layer's cache key: a new layout never reads an old file
 NOT_CHOSEN = -1e9  # router_probs of experts a token does not use: QMoE's top-k never picks them
@@ -123,10 +120,11 @@ class FusedExperts:
         if precisions != ["int4"]:
             raise OffloadError(f"--expert-store fused needs int4 experts; this bundle's are {', '.join(precisions)}")
         graphs = graphs or PrepackedGraphs()
-        missing = [n for n in self.layers if not graphs.exists(layer_key(bundle, n))]
+        keys = {n: layer_key(bundle, n) for n in self.layers}
+        missing = [n for n in self.layers if not graphs.exists(keys[n])]
         self._sessions: dict[int, Any] = {}
         for n in self.layers:
-            path = self._prepare(bundle, graphs, n)
+            path = self._prepare(bundle, graphs, n, keys[n])
             if n in missing and progress is not None:
                 progress(missing.index(n) + 1, len(missing))
             try:
@@ -134,10 +132,9 @@ class FusedExperts:
             except Exception as exc:
                 raise OffloadError(f"ONNX Runtime cannot open the fused experts of layer {n}: {one_line(exc)}") from exc
 
-    def _prepare(self, bundle: "Bundle", graphs: PrepackedGraphs, layer: int) -> Path:
+    def _prepare(self, bundle: "Bundle", graphs: PrepackedGraphs, layer: int, key: str) -> Path:
         from edgemoe.offload.sessions import session_options
 
-        key = layer_key(bundle, layer)
         if graphs.exists(key):
             return graphs.path(key)
         for entry in (e for k, e in bundle.manifest.experts().items() if k.layer == layer):
