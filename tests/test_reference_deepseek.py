@@ -314,12 +314,20 @@ def test_image_token_counts_follow_the_published_formula():
     assert (w, h) == (768, 768)
 
 
-def test_whole_image_path_runs_and_is_deterministic(deepseek_checkpoints):
+def test_a_real_image_fills_the_published_token_layout(deepseek_checkpoints):
+    """pixels -> tower -> projector -> layout: as many rows as the published formula, with the newline
+    and separator embeddings at the positions upstream's tokenize_with_images gives them."""
     ckpt = Checkpoint.open(deepseek_checkpoints["small"])
     model = ReferenceModel.from_checkpoint(ckpt)
     tiled = tile_image(_photo(100, 60), 42, ckpt.config.candidate_resolutions)
     with torch.no_grad():
         feats = model.encode_tiles(torch.from_numpy(tiled.pixels), tiled.rows, tiled.cols)
-    assert feats.shape == (image_token_count(2, tiled.rows, tiled.cols), ckpt.config.hidden_size)
-    assert torch.equal(model.projector.arrange(model.projector(model.vision(torch.from_numpy(tiled.pixels))),
-                                               tiled.rows, tiled.cols), feats)
+    g = tokens_per_side(42, 14)
+    assert feats.shape == (image_token_count(g, tiled.rows, tiled.cols), ckpt.config.hidden_size)
+    newline, separator = model.projector.image_newline, model.projector.view_separator
+    glob = g * (g + 1)
+    assert all(torch.equal(feats[i * (g + 1) + g], newline) for i in range(g))  # after each global row
+    assert torch.equal(feats[glob], separator)
+    width = g * tiled.cols + 1
+    assert all(torch.equal(feats[glob + 1 + r * width + width - 1], newline) for r in range(g * tiled.rows))
+    assert not torch.equal(feats[0], newline)  # image rows are features, not layout rows
