@@ -165,25 +165,68 @@ def _stream_text(piece: str) -> None:
     sys.stdout.flush()
 
 
+def _read_stdin_once(what: str, used: list[str]) -> bytes:
+    """stdin for `-` (a question or an image), which only one of them can take."""
+    if used:
+        raise EdgeMoEError(f"stdin is already the {used[0]}: give the {what} as an argument")
+    used.append(what)
+    return sys.stdin.buffer.read()
+
+
+def _images(specs: Optional[list[str]], stdin_used: list[str]) -> list[Any]:
+    """--image values: paths, or `-` for an image read from stdin."""
+    from edgemoe.model.image import decode_image
+
+    return [decode_image(_read_stdin_once("image", stdin_used), "the image on stdin") if spec == "-" else Path(spec)
+            for spec in specs or []]
+
+
+def _session(bundle: Path, flags: dict[str, Any], images: list[Any], prepare: Any, **kwargs: Any) -> Any:
+    from edgemoe.runtime import ChatSession
+
+    session = ChatSession(bundle, images, generation_options(flags), prepare_progress=prepare, **kwargs)
+    if session.budget_note:  # --memory-budget auto: what it chose, before anything else is printed
+        err.print(session.budget_note, highlight=False)
+    return session
+
+
 @app.command()
-@generation_flags(image="The image to ask about (repeat for models that take several, e.g. DeepSeek-VL2).",
+@generation_flags(image="The image to ask about: a path, or - for stdin (repeat where the model takes several, "
+                        "e.g. DeepSeek-VL2).",
                   max_tokens="Most tokens to generate.",
                   temperature="0: greedy, the same answer every run.",
                   seed="Sampling seed: the same seed gives the same answer.",
                   as_json="Print one JSON object: answer, token_ids, stats.")
-def ask(bundle: BundleDir, question: str = typer.Argument(..., help="The question about the image."),
+def ask(bundle: BundleDir, question: str = typer.Argument(..., help="The question about the image (- reads stdin)."),
+        stream_json: bool = typer.Option(False, "--stream-json", help="Print one JSON event per token (NDJSON), "
+                                                                     "then one with the answer and stats."),
         **flags: Any) -> None:
     """Answer a question about an image, streaming the answer as it is generated."""
-    from edgemoe.runtime import ChatSession
-
-    with _prepare_progress() as prepare, ChatSession(bundle, flags["image"], generation_options(flags),
-                                                     reserve_turns=1, prepare_progress=prepare) as session:
-        result = session.ask(question, on_text=None if flags["as_json"] else _stream_text)
-    if flags["as_json"]:
-        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    stdin_used: list[str] = []
+    if question == "-":
+        question = _read_stdin_once("question", stdin_used).decode("utf-8", "replace").strip()
+    images = _images(flags["image"], stdin_used)
+    with _prepare_progress() as prepare, _session(bundle, flags, images, prepare, reserve_turns=1) as session:
+        if stream_json:
+            result = session.ask(question, on_token=_token_event)
+        else:
+            result = session.ask(question, on_text=None if flags["as_json"] else _stream_text)
+    if stream_json:
+        _json_line({"type": "done", **result.to_dict()})
+    elif flags["as_json"]:
+        _json_line(result.to_dict())
     else:
         sys.stdout.write("\n")
         err.print(result.stats.summary(), highlight=False)
+
+
+def _json_line(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _token_event(token: int, text: str) -> None:
+    _json_line({"type": "token", "id": token, "text": text})
 
 
 @app.command()
@@ -192,21 +235,46 @@ def ask(bundle: BundleDir, question: str = typer.Argument(..., help="The questio
                   temperature="0: greedy, the same answers every run.", seed="Sampling seed.",
                   as_json="Print one JSON object per answer (JSON lines).")
 def chat(bundle: BundleDir, **flags: Any) -> None:
-    """Talk about an image: one question per line on stdin, until EOF or 'exit'."""
-    from edgemoe.runtime import ChatSession
+    """Talk about an image: a prompt with history and /commands at a terminal (/help), or one question
+    per line from a pipe."""
+    from edgemoe.chat_repl import run_chat
 
     interactive = sys.stdin.isatty()
-    with _prepare_progress() as prepare, ChatSession(bundle, flags["image"], generation_options(flags),
-                                                     prepare_progress=prepare) as session:
-        for question in _questions(interactive):
-            result = session.ask(question, on_text=None if flags["as_json"] else _stream_text)
-            if flags["as_json"]:
-                sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
-            else:
-                sys.stdout.write("\n")
-            sys.stdout.flush()
-            if interactive:
-                err.print(result.stats.summary(), highlight=False)
+    with _prepare_progress() as prepare, _session(bundle, flags, _images(flags["image"], ["question"]),
+                                                  prepare) as session:
+        run_chat(session, interactive, flags["as_json"], out, err, _stream_text)
+
+
+@app.command()
+@generation_flags(without=("image", "as_json"), max_tokens="Default most tokens per answer (a request's "
+                                                           "max_tokens overrides).",
+                  temperature="Default temperature (a request's overrides).", seed="Default sampling seed.")
+def serve(bundle: BundleDir,
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+          port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGEMOE_API_KEY",
+                                                help="Require 'Authorization: Bearer KEY' on /v1 requests."),
+          max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait; more get 503."),
+          allow_remote_images: bool = typer.Option(False, "--allow-remote-images",
+                                                   help="Fetch http(s) image URLs (size and time limited)."),
+          **flags: Any) -> None:
+    """Serve the bundle over OpenAI's chat-completions API (one engine, requests answered in turn)."""
+    try:
+        from edgemoe.serve import ServeOptions, serve as run_server
+    except ImportError as exc:
+        raise EdgeMoEError(f"edgemoe serve needs the serve extra: pip install 'edgemoe[serve]' ({exc.name} is "
+                           "missing)") from None
+    options = ServeOptions(host, port, api_key, max_queue, allow_remote_images)
+    generation = generation_options(flags)
+
+    def ready(url: str, note: Optional[str]) -> None:
+        if note:
+            err.print(note, highlight=False)
+        err.print(f"serving {bundle.resolve().name} at {url}/v1 (Ctrl-C to stop)", highlight=False)
+
+    with _prepare_progress() as prepare:
+        run_server(bundle, options, generation, on_ready=ready, prepare_progress=prepare)
+    err.print("stopped", highlight=False)
 
 
 def _prepare_progress() -> Any:
@@ -214,21 +282,6 @@ def _prepare_progress() -> Any:
     from edgemoe.progress import count_progress
 
     return count_progress("preparing experts for this CPU (once)", err)
-
-
-def _questions(interactive: bool) -> Iterator[str]:
-    """Lines of stdin, stripped and non-empty, until EOF or exit/quit (a prompt only on a terminal)."""
-    while True:
-        if interactive:
-            err.print("> ", end="")
-        line = sys.stdin.readline()
-        if not line:
-            return
-        question = line.strip()
-        if question.lower() in ("exit", "quit"):
-            return
-        if question:
-            yield question
 
 
 @contextmanager

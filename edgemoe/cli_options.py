@@ -1,7 +1,7 @@
 """The options `edgemoe ask` and `edgemoe chat` share, each declared once, and what they become.
 
-Contract: `@generation_flags(**helps)` appends the generation options (`GENERATION_FLAGS`: image, sampling,
-budgets, policy, --json) to a command's signature after its own arguments, each as
+Contract: `@generation_flags(**helps)` appends the generation options (`GENERATION_FLAGS`: image, system
+prompt, sampling, budgets, policy, threads, context, --json; `without=` leaves some out) to a command's signature after its own arguments, each as
 `typer.Option(default, flag, help=...)`. typer reads that signature, so the command receives them as
 `**flags`. Most options have one help text, given here; the few that each command words its own way
 (one answer vs a conversation) have help None here and take theirs from `helps`, keyed by parameter
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, List, Mapping, Optional, TypeVar
 
 import typer
+
+from edgemoe.offload.policies import DEFAULT_POLICY
 
 if TYPE_CHECKING:
     from edgemoe.runtime import GenerationOptions
@@ -37,31 +39,44 @@ class Flag:
 
 
 GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
-    "image": Flag(Optional[List[Path]], None, "--image"),
+    "image": Flag(Optional[List[str]], None, "--image"),
+    "system": Flag(Optional[str], None, "--system", "Replace the model's system prompt."),
     "max_tokens": Flag(int, 128, "--max-tokens"),
-    "memory_budget": Flag(Optional[str], None, "--memory-budget", "Bound the whole process's RSS (e.g. 3GB): "
-                                                                  "the experts get what the trunk and KV cache leave."),
+    "memory_budget": Flag(Optional[str], None, "--memory-budget", "Bound the whole process's RSS (e.g. 3GB, or "
+                                                                  "auto: what the machine has free now, minus a "
+                                                                  "margin): the experts get what the trunk and KV "
+                                                                  "cache leave."),
     "expert_budget": Flag(Optional[str], None, "--expert-budget", "Bound the expert cache alone: bytes (800MB) "
                                                                   "or a percentage of all expert bytes (25%)."),
-    "policy": Flag(str, "lru", "--policy", "Expert eviction policy: lru | lfu | edgemoe."),
+    "policy": Flag(str, DEFAULT_POLICY, "--policy", "Expert eviction policy: lru | lfu | edgemoe."),
     "expert_store": Flag(str, "auto", "--expert-store", "How experts are paged: mapped (sessions built once, "
                                                         "weight pages paged in and out; Linux) | sessions (a "
                                                         "session built per load) | fused (each layer's int4 "
                                                         "experts in one resident QMoE session; no budget) | "
                                                         "auto (mapped where possible)."),
+    "threads": Flag(Optional[int], None, "--threads", "CPU threads per ONNX Runtime session (default: the cores "
+                                                      "this process may use)."),
+    "ctx_size": Flag(Optional[int], None, "--ctx-size", "Context positions (prompt, image and answers; default: "
+                                                        "the model's)."),
     "temperature": Flag(float, 0.0, "--temperature"),
+    "top_k": Flag(int, 0, "--top-k", "Sample from the k most likely tokens (0: off; with --temperature > 0)."),
     "top_p": Flag(float, 1.0, "--top-p", "Nucleus sampling mass (with --temperature > 0)."),
+    "min_p": Flag(float, 0.0, "--min-p", "Drop tokens less likely than this times the most likely one (0: off)."),
+    "repeat_penalty": Flag(float, 1.0, "--repeat-penalty", "Penalise the last 64 tokens' ids, llama.cpp's way "
+                                                           "(1: off)."),
     "seed": Flag(int, 0, "--seed"),
     "as_json": Flag(bool, False, "--json"),
 }
-# The flags that are GenerationOptions fields, in its field order.
+# The flags that are GenerationOptions fields.
 GENERATION_FIELDS = ("max_tokens", "memory_budget", "expert_budget", "policy", "temperature", "top_p", "seed",
-                     "expert_store")
+                     "expert_store", "top_k", "min_p", "repeat_penalty", "system", "threads", "ctx_size")
 
 
-def generation_flags(**helps: str) -> Callable[[F], F]:
-    """Give a command the generation options after its own parameters (module docstring)."""
-    worded = {name for name, flag in GENERATION_FLAGS.items() if flag.help is None}
+def generation_flags(*, without: tuple[str, ...] = (), **helps: str) -> Callable[[F], F]:
+    """Give a command the generation options after its own parameters (module docstring), less
+    those named in `without`."""
+    chosen = {name: flag for name, flag in GENERATION_FLAGS.items() if name not in without}
+    worded = {name for name, flag in chosen.items() if flag.help is None}
     if set(helps) != worded:
         raise TypeError(f"generation_flags needs help for exactly {sorted(worded)}, got {sorted(helps)}")
 
@@ -70,7 +85,7 @@ def generation_flags(**helps: str) -> Callable[[F], F]:
         own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=flag.annotation,
                                    default=typer.Option(flag.default, flag.decl, help=helps.get(name, flag.help)))
-                 for name, flag in GENERATION_FLAGS.items()]
+                 for name, flag in chosen.items()]
         command.__signature__ = signature.replace(parameters=own + flags)  # type: ignore[attr-defined]
         return command
 
@@ -81,4 +96,4 @@ def generation_options(flags: Mapping[str, Any]) -> GenerationOptions:
     """The runtime's options from a command's parsed flags."""
     from edgemoe.runtime import GenerationOptions
 
-    return GenerationOptions(**{name: flags[name] for name in GENERATION_FIELDS})
+    return GenerationOptions(**{name: flags[name] for name in GENERATION_FIELDS if name in flags})

@@ -137,6 +137,9 @@ def _read_manifest(root: Path) -> bytes:
         raise BundleError(f"{root} is not a directory (a bundle is a directory holding {MANIFEST_NAME})")
     path = root / MANIFEST_NAME
     if not path.is_file():
+        if (root / "config.json").is_file():  # a model checkpoint: say what turns it into a bundle
+            raise BundleError(f"{root} is a model checkpoint, not a bundle: export it first, e.g. "
+                              f"`edgemoe export {root} -o {root.name}-int4 --precision int4`")
         raise BundleError(f"{root} is not an edgemoe bundle (no {MANIFEST_NAME})")
     if path.stat().st_size > _MAX_MANIFEST:
         raise BundleError(f"{path} is larger than {_MAX_MANIFEST >> 20} MiB: not a bundle manifest")

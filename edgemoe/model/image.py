@@ -1,6 +1,7 @@
 """Image loading and preprocessing: a file (or a PIL image, or a uint8 array) -> float32 pixel values [3, H, W].
 
-Contract: the output equals, value for value, what MoE-LLaVA feeds its vision tower: upstream's
+Contract: a file, or encoded bytes (`decode_image`: what a server receives), decodes to RGB with the
+same checks. The output equals, value for value, what MoE-LLaVA feeds its vision tower: upstream's
 `expand2square` (pad to a square with the processor's mean colour, for `image_aspect_ratio == "pad"`)
 followed by transformers' slow, PIL-based `CLIPImageProcessor` (resize the shortest edge with PIL,
 centre-crop) or `SiglipImageProcessor` (resize to a fixed square), both then rescaling and
@@ -14,11 +15,13 @@ left alone, so a cut-off file fails instead of decoding to grey.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -68,19 +71,44 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
         raise ImageError(f"image not found: {path}")
     if path.is_dir():
         raise ImageError(f"{path} is a directory, not an image")
+    return _decode(path, str(path), max_pixels)
+
+
+def decode_image(data: bytes, name: str = "image", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An encoded image (PNG, JPEG, WebP, ... bytes) as RGB, with `load_image`'s checks."""
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(fp: Any, name: str, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as img:
-                _check_pixels(img, max_pixels, str(path))
+            with Image.open(fp) as img:
+                _check_pixels(img, max_pixels, name)
                 img.load()  # decode now: a truncated file fails here, not later in resize
                 return img.convert("RGB")
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(f"{path} is too large to decode safely: {_one_line(exc)}") from None
+            raise ImageError(f"{name} is too large to decode safely: {_one_line(exc)}") from None
         except UnidentifiedImageError:
-            raise ImageError(f"{path} is not an image Pillow can read") from None
+            raise ImageError(f"{name} is not an image Pillow can read") from None
         except (OSError, SyntaxError, EOFError, ValueError) as exc:
-            raise ImageError(f"{path} is truncated or corrupt: {_one_line(exc)}") from None
+            raise ImageError(f"{name} is truncated or corrupt: {_one_line(exc)}") from None
+
+
+def image_key(source: ImageSource) -> tuple[Any, ...]:
+    """What identifies an image's pixels, to reuse its encoding: a file's path, size and mtime; a
+    PIL image's or array's content digest."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).resolve()
+        try:
+            stat = path.stat()
+        except OSError:
+            return ("path", str(path))
+        return ("path", str(path), stat.st_size, stat.st_mtime_ns)
+    if isinstance(source, Image.Image):
+        return ("pixels", source.mode, source.size, hashlib.blake2b(source.tobytes(), digest_size=16).digest())
+    array = np.ascontiguousarray(source)
+    return ("array", array.shape, str(array.dtype), hashlib.blake2b(array.data, digest_size=16).digest())
 
 
 def as_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

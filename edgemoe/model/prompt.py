@@ -62,6 +62,10 @@ class Conversation:
     def for_family(cls, family: str) -> Conversation:
         return cls(template_for(family))
 
+    def with_system(self, system: str | None) -> Conversation:
+        """This conversation with its template's system prompt replaced (None: unchanged)."""
+        return self if system is None else replace(self, template=replace(self.template, system=system))
+
     @property
     def stop_str(self) -> str:
         return self.template.sep2

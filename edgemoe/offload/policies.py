@@ -30,6 +30,8 @@ from edgemoe.keys import ExpertKey
 from edgemoe.offload.errors import OffloadError
 
 POLICIES = ("lru", "lfu", "edgemoe")
+# The default of the library and the CLI alike: the best of the published policy sweep (README).
+DEFAULT_POLICY = "lru"
 
 
 class EvictionPolicy(Protocol):

@@ -45,6 +45,7 @@ TRIM_EVERY = 64 << 20  # bytes freed between heap trims (a trim walks the heap: 
 
 _state_lock = threading.Lock()
 _global_threads: int | None = None  # intra-op size of the global pool, once created
+_threads: int | None = None  # the process's intra-op thread count, once a caller chose one (--threads)
 _libc: Any = None
 
 
@@ -64,7 +65,10 @@ def glibc() -> Any:
 
 
 def default_threads() -> int:
-    """Intra-op threads: the cores this process may use (EDGEMOE_THREADS overrides)."""
+    """Intra-op threads: the count `configure_process(threads=)` chose, else EDGEMOE_THREADS, else the
+    cores this process may use."""
+    if _threads is not None:
+        return _threads
     env = os.environ.get("EDGEMOE_THREADS")
     if env:
         return max(1, int(env))
@@ -74,11 +78,16 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def configure_process(mmap_threshold: int = MMAP_THRESHOLD, global_threads: int | None = None) -> bool:
-    """Set the mmap threshold (and create ORT's global pool of `global_threads`, if given).
+def configure_process(mmap_threshold: int = MMAP_THRESHOLD, global_threads: int | None = None,
+                      threads: int | None = None) -> bool:
+    """Set the mmap threshold, the intra-op `threads` of sessions made from now on (if given), and
+    create ORT's global pool of `global_threads` (if given).
 
     Returns whether the mmap threshold was set (False without glibc). Safe to call again.
     """
+    global _threads
+    if threads is not None:
+        _threads = max(1, int(threads))
     lib = glibc()
     ok = bool(lib is not None and lib.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)) == 1)
     if lib is not None and not ok:

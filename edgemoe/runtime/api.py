@@ -1,11 +1,13 @@
-"""The public API: `ask` (one question about one image) and `ChatSession` (several turns).
+"""The public API: `ask` (one question) and `ChatSession` (a conversation, or a server's requests).
 
-Contract: the mlx-lm split. `Engine.generate_step` yields ids; `ChatSession.ask` turns them into
-text through `TextStream` (streamed to `on_text`) and returns a `GenerationResult` with
-`GenerationStats`; `ask` is one turn of a fresh session. Prompts follow the bundle's family template
-(upstream's): turn one is `<system> USER: <image>\\n{q} ASSISTANT:`, later turns append
-`{answer}<|endoftext|>USER: {q} ASSISTANT:`; the engine reuses the cached prefix of the conversation
-and computes only the new turn.
+Contract: the mlx-lm split. `Engine.generate_step` yields ids; `ChatSession.reply` turns them into
+text through `TextStream` (streamed to `on_text`, pieces that join to exactly the answer's text) and
+returns a `GenerationResult` with `GenerationStats`; `ask` is one turn of a fresh session. Prompts
+follow the bundle's family template (upstream's; `GenerationOptions.system` replaces its system
+prompt). `ChatSession.ask` appends a turn to the session's own conversation; `reply` answers any
+conversation with its images (what `edgemoe serve` does per request). The engine reuses the cached
+prefix of the previous prompt and computes only the rest, unless `reuse=False` asks for a cold
+prefill (a server's unrelated requests then answer exactly as a fresh `ask`).
 
 Set-up order matters for the memory budget (`budget.plan_budget`): open the trunk sessions,
 allocate the KV cache for the conversation, run one warm-up token through the trunk, measure RSS
@@ -19,7 +21,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,69 +29,42 @@ import psutil
 
 from edgemoe.bundle import Bundle
 from edgemoe.errors import EdgeMoEError
-from edgemoe.model.image import ImageSource, prepare_image
-from edgemoe.model.prompt import Conversation, cut_at_stop
+from edgemoe.model.image import ImageSource, image_key, prepare_image
+from edgemoe.model.prompt import Conversation
 from edgemoe.model.tokenizer import Tokenizer, load_tokenizer
-from edgemoe.offload.budget import parse_size
-from edgemoe.offload.policies import POLICIES
-from edgemoe.offload.predictor import PredictionSummary
+from edgemoe.offload.policies import DEFAULT_POLICY
 from edgemoe.runtime.budget import BudgetPlan, plan_budget
 from edgemoe.runtime.detokenize import TextStream
 from edgemoe.runtime.engine import Engine, splice_positions
 from edgemoe.runtime.moe import MoELayer
-from edgemoe.runtime.providers import (EXPERT_STORES, ProviderCounters, make_provider, open_expert_store,
-                                       provider_counters, resident_sizes, store_kind)
+from edgemoe.runtime.options import DEFAULT_MAX_TOKENS, GenerationOptions, resolve_memory_budget
+from edgemoe.runtime.providers import make_provider, open_expert_store, resident_sizes, store_kind
 from edgemoe.runtime.routing import Routers
 from edgemoe.runtime.sampling import Sampler
 from edgemoe.runtime.sessions import configure_process
-from edgemoe.runtime.stats import GenerationResult, GenerationStats, RssSampler, max_rss_bytes
+from edgemoe.runtime.stats import (Clock, CounterSnapshot, GenerationResult, GenerationStats, RssSampler,
+                                   max_rss_bytes, ratio)
+from edgemoe.runtime.transcript import read_transcript, write_transcript
 from edgemoe.runtime.trunk import Trunk
 
 log = logging.getLogger(__name__)
 
 TextCallback = Callable[[str], None]
-DEFAULT_MAX_TOKENS = 128
+TokenCallback = Callable[[int, str], None]  # each generated id and the text it released
+StopCheck = Callable[[], bool]
 CHAT_TURNS_RESERVED = 4  # a chat's first KV allocation: its first prompt + this many answers
 
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """How to generate and within what memory (sizes as bytes or strings: '1.5GB', '40%')."""
-
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    memory_budget: str | int | None = None
-    expert_budget: str | int | None = None
-    policy: str = "lru"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    prefetch: bool = True  # hint the next MoE layer's predicted experts
-    expert_store: str = "auto"  # mapped | sessions | auto (runtime.providers.open_expert_store)
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise EdgeMoEError(f"max tokens must be at least 1, got {self.max_tokens}")
-        if self.expert_store not in EXPERT_STORES:
-            raise EdgeMoEError(f"unknown expert store {self.expert_store!r}: expected one of {', '.join(EXPERT_STORES)}")
-        if self.expert_store == "fused" and (self.expert_budget is not None or self.memory_budget is not None):
-            raise EdgeMoEError("--expert-store fused keeps every expert resident: an expert or memory budget needs "
-                               "--expert-store mapped, sessions or auto")
-        if self.policy not in POLICIES:
-            raise EdgeMoEError(f"unknown eviction policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
-        self.sampler()  # validates the sampling settings now
-
-    def sampler(self) -> Sampler:
-        """A fresh sampler: the same options give the same sampled tokens."""
-        return Sampler(self.temperature, self.top_p, self.seed)
+__all__ = ["ChatSession", "GenerationOptions", "ask", "DEFAULT_MAX_TOKENS"]
 
 
 class ChatSession:
-    """A conversation about its images (given up front, asked about in the first turn), its KV cache
-    kept across turns.
+    """A conversation about its images, its KV cache kept across turns; or one engine for many.
 
-    The engine is built on the first `ask`, whose prompt length sizes the KV cache (that prompt plus
-    `reserve_turns` answers, or `context_tokens` positions; it grows by one copy if a long chat
-    outgrows it). `close()` (or `with`) releases the expert provider.
+    Images given up front go with the first question; `add_image` adds one to the next question
+    (or, where the family takes one image, replaces it). The engine is built on the first answer,
+    whose prompt length sizes the KV cache (that prompt plus `reserve_turns` answers, or
+    `context_tokens` / `ctx_size` positions; it grows by one copy if a long chat outgrows it).
+    `close()` (or `with`) releases the expert provider.
     """
 
     def __init__(self, bundle_path: str | Path, image: ImageSource | Sequence[ImageSource] | None = None,
@@ -98,11 +72,14 @@ class ChatSession:
                  reserve_turns: int = CHAT_TURNS_RESERVED,
                  prepare_progress: Callable[[int, int], None] | None = None) -> None:
         t0 = time.monotonic()
-        configure_process()  # before the first session: freed sessions go back to the OS
+        configure_process(threads=options.threads)  # before the first session: one thread policy
         self.options = options
+        self.memory_budget, self.budget_note = resolve_memory_budget(options.memory_budget)
         self.images: list[ImageSource] = [] if image is None else (
             list(image) if isinstance(image, (list, tuple)) else [image])
-        self._context_tokens, self._reserve_turns = context_tokens, max(1, reserve_turns)
+        self._pending = len(self.images)  # images not yet placed in a question
+        self._context_tokens = context_tokens or options.ctx_size
+        self._reserve_turns = max(1, reserve_turns)
         self._prepare_progress = prepare_progress  # experts packed for this CPU on a first run
         self.bundle = Bundle.open(bundle_path)
         manifest = self.bundle.manifest
@@ -112,13 +89,8 @@ class ChatSession:
         self.logit_limit = int(manifest.tokenizer.get("len_tokenizer", len(self.tokenizer)))
         eos = manifest.tokenizer.get("eos_token_id", self.tokenizer.eos_token_id)
         self.stop_ids = () if eos is None else (int(eos),)
-        self.conversation = Conversation.for_family(family)
-        most = self.conversation.template.max_images
-        if most is not None and len(self.images) > most:
-            raise EdgeMoEError(f"this model takes {most} image(s) per conversation, got {len(self.images)}")
-        for spec in (options.expert_budget, options.memory_budget):  # a malformed budget fails before any load
-            if spec is not None:
-                parse_size(spec, 1 << 40)  # a percentage of any total: syntax only
+        self.conversation = self.new_conversation()
+        self._check_image_count(len(self.images))
         self.trunk = Trunk.open(self.bundle)
         self.routers = Routers.load(self.bundle.path_of("routers.safetensors"), self.config.moe.layers,
                                     self.config.moe.routing)
@@ -126,24 +98,156 @@ class ChatSession:
         self.engine: Engine | None = None
         self.provider: Any = None
         self.budget: BudgetPlan | None = None
-        self._features: list[np.ndarray] | None = None
+        self._features: dict[tuple[Any, ...], np.ndarray] = {}  # image_key -> projected rows
         self._load_s = time.monotonic() - t0
 
-    # -- set-up -----------------------------------------------------------------------------------
+    # -- the conversation -------------------------------------------------------------------------
+
+    def new_conversation(self) -> Conversation:
+        """An empty conversation in this bundle's template (with the options' system prompt)."""
+        family = self.bundle.manifest.tokenizer.get("family", self.config.family)
+        return Conversation.for_family(family).with_system(self.options.system)
+
+    @property
+    def max_images(self) -> int | None:
+        """Images one conversation may hold (None: any number)."""
+        return self.conversation.template.max_images
+
+    def _check_image_count(self, count: int) -> None:
+        if self.max_images is not None and count > self.max_images:
+            raise EdgeMoEError(f"this model takes {self.max_images} image(s) per conversation, got {count}")
+
+    def add_image(self, source: ImageSource) -> None:
+        """Add an image to the next question; where the family takes no more, replace the last one
+        (its place in the conversation stays; the cache recomputes from there)."""
+        if self.max_images is not None and len(self.images) >= self.max_images:
+            self.images[-1] = source
+        else:
+            self.images.append(source)
+            self._pending += 1
+
+    def clear(self) -> None:
+        """Start the conversation over, about the same images (they go with the next question)."""
+        self.conversation = self.new_conversation()
+        self._pending = len(self.images)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation and its image paths as JSON (`runtime.transcript`)."""
+        return write_transcript(path, self.conversation, self.images, self._pending)
+
+    def load(self, path: str | Path) -> None:
+        """Replace the conversation with a saved one; the next answer reuses what the cache shares."""
+        conversation, images, pending = read_transcript(path, self.new_conversation())
+        self._check_image_count(len(images))
+        self.conversation, self.images, self._pending = conversation, list(images), pending
+
+    def ask(self, question: str, on_text: TextCallback | None = None, max_tokens: int | None = None,
+            should_stop: StopCheck | None = None, on_token: TokenCallback | None = None) -> GenerationResult:
+        """Answer `question` (with the images not yet asked about), streaming text to `on_text`."""
+        try:
+            conv = self.conversation.add_user(question, images=self._pending)
+        except ValueError as exc:
+            raise EdgeMoEError(str(exc)) from None
+        result = self.reply(conv, self.images, on_text=on_text, max_tokens=max_tokens, should_stop=should_stop,
+                            on_token=on_token)
+        self._pending = 0
+        self.conversation = conv.add_assistant(result.text)
+        return result
+
+    # -- answering --------------------------------------------------------------------------------
+
+    def reply(self, conversation: Conversation, images: Sequence[ImageSource] = (), *,
+              on_text: TextCallback | None = None, max_tokens: int | None = None, sampler: Sampler | None = None,
+              stops: Sequence[str] = (), should_stop: StopCheck | None = None, reuse: bool = True,
+              on_token: TokenCallback | None = None) -> GenerationResult:
+        """The assistant's next answer to `conversation` (its last turn a question), whose `<image>`
+        markers take `images` in order. `stops`: strings that also end the answer; `should_stop`:
+        checked after each token (True: stop there, reason "cancelled"); `on_token(id, text)`: each
+        id with the text it released (the last id also gets the held-back rest), so the texts join
+        to the answer."""
+        t0 = time.monotonic()
+        self._check_image_count(len(images))
+        self.images = list(images)
+        ids = conversation.encode(self.tokenizer)
+        if self.engine is None:
+            set_up = time.monotonic()
+            self.start(len(splice_positions(ids, self.image_tokens)))
+            t0 += time.monotonic() - set_up  # one-off set-up is load_s, not time to first token
+        elif not reuse:
+            self.engine.forget()
+        engine = self.engine
+        before = CounterSnapshot.take(self.provider, engine.moe.predictions)
+        with RssSampler() as rss:
+            return self._generate(engine, ids, max_tokens or self.options.max_tokens, _Emitter(on_text, on_token),
+                                  t0, rss, before, sampler or self.sampler, (conversation.stop_str, *stops),
+                                  should_stop)
 
     @property
     def image_tokens(self) -> list[int]:
         """Prompt rows of each of the conversation's images; tiled layouts depend on the image."""
         return [int(rows.shape[0]) for rows in self.image_features() or []]
 
-    def _start(self, prompt_positions: int) -> Engine:
-        """KV cache, warm-up, baseline, budget, provider: in that order (module docstring)."""
+    def image_features(self) -> list[np.ndarray] | None:
+        """The conversation's images, preprocessed and projected, [N_i, H] each (each image encoded
+        once while it stays in the conversation)."""
+        if not self.images:
+            return None
+        manifest = self.bundle.manifest
+        aspect = manifest.processor.get("image_aspect_ratio", self.config.image_aspect_ratio)
+        tiled = len(self.images) <= 2  # upstream tiles one or two images, more go in as one view each
+        keys = [(image_key(source), tiled) for source in self.images]
+        for key, source in zip(keys, self.images):
+            if key not in self._features:
+                self._features[key] = self.trunk.encode_image(prepare_image(
+                    source, manifest.processor_config(), aspect, self.config.candidate_resolutions, tiled))
+        self._features = {key: self._features[key] for key in keys}  # forget images no longer asked about
+        return [self._features[key] for key in keys]
+
+    def _generate(self, engine: Engine, ids: list[int], limit: int, emit: "_Emitter", t0: float,
+                  rss: RssSampler, before: CounterSnapshot, sampler: Sampler, stops: Sequence[str],
+                  should_stop: StopCheck | None) -> GenerationResult:
+        stream = TextStream(self.tokenizer, stops)
+        clock = Clock(time.monotonic())  # prefill_s: the LLM prefill (the image is encoded before)
+        tokens: list[int] = []
+        stop = ""
+        for token in engine.generate_step(ids, self.image_features(), limit, sampler, self.stop_ids):
+            clock.token()
+            if not tokens:
+                clock.at_first = CounterSnapshot.take(self.provider, engine.moe.predictions)
+            tokens.append(token)
+            emit(token, stream.push(token) if token not in self.stop_ids else "")
+            rss.sample()
+            if stream.stopped:
+                stop = "stop"
+                break
+            if should_stop is not None and should_stop():
+                stop = "cancelled"
+                break
+        emit.finish(stream.finish())
+        if not stop:
+            if tokens and tokens[-1] in self.stop_ids:
+                stop = "eos"
+            else:
+                stop = "length" if len(tokens) >= limit else "context"
+        stats = self._stats(engine, t0, clock, len(tokens), rss, before)
+        return GenerationResult(stream.text, tuple(tokens), stop, stats)
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def start(self, prompt_positions: int) -> Engine:
+        """The engine, built on first use for a prompt of `prompt_positions`: KV cache, warm-up,
+        baseline, budget, provider, in that order (module docstring). A server calls it up front."""
+        if self.engine is not None:
+            return self.engine
+        # Encode the images before the baseline is measured: the vision pass's retained memory
+        # then counts in the baseline instead of surprising the memory budget later.
+        self.image_features()
         t0 = time.monotonic()
         opts = self.options
         capacity = self._context_tokens or prompt_positions + self._reserve_turns * opts.max_tokens
         moe = MoELayer(self.routers, _NoProvider(), self.config.moe.layers, self.config.moe.top_k,
                        prefetch=opts.prefetch)
-        engine = Engine(self.trunk, moe, self.logit_limit, capacity)
+        engine = Engine(self.trunk, moe, self.logit_limit, capacity, context_limit=opts.ctx_size)
         engine.warm_up()
         store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress)  # before the baseline
         self.provider = moe.provider = self._provider(store, engine, prompt_positions)
@@ -158,98 +262,36 @@ class ChatSession:
         if store_kind(store) == "fused":
             return store
         opts = self.options
-        self.budget = plan_budget(self.bundle, opts.memory_budget, opts.expert_budget,
+        self.budget = plan_budget(self.bundle, self.memory_budget, opts.expert_budget,
                                   baseline_rss=psutil.Process().memory_info().rss,
                                   kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
                                   sizes=resident_sizes(store), fixed_bytes=getattr(store, "session_overhead_bytes", 0))
         return make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store)
 
-    def image_features(self) -> list[np.ndarray] | None:
-        """The conversation's images, preprocessed and projected, [N_i, H] each (encoded once)."""
-        if not self.images:
-            return None
-        if self._features is None:  # encoded once, reused by later turns
-            manifest = self.bundle.manifest
-            aspect = manifest.processor.get("image_aspect_ratio", self.config.image_aspect_ratio)
-            tiled = len(self.images) <= 2  # upstream tiles one or two images, more go in as one view each
-            self._features = [self.trunk.encode_image(prepare_image(
-                source, manifest.processor_config(), aspect, self.config.candidate_resolutions, tiled))
-                for source in self.images]
-        return self._features
-
-    # -- turns ------------------------------------------------------------------------------------
-
-    def ask(self, question: str, on_text: TextCallback | None = None, max_tokens: int | None = None
-            ) -> GenerationResult:
-        """Answer `question` (the image goes with the first turn), streaming text to `on_text`."""
-        t0 = time.monotonic()
-        first = not self.conversation.messages
-        conv = self.conversation.add_user(question, images=len(self.images) if first else 0)
-        ids = conv.encode(self.tokenizer)
-        if self.engine is None:
-            # Encode the image before the baseline is measured: the vision pass's retained memory
-            # then counts in the baseline instead of surprising the memory budget later.
-            self.image_features()
-            set_up = time.monotonic()
-            self._start(len(splice_positions(ids, self.image_tokens)))
-            t0 += time.monotonic() - set_up  # one-off set-up is load_s, not time to first token
-        engine = self.engine
-        before = _Snapshot.take(self.provider, engine)
-        with RssSampler() as rss:
-            result = self._generate(engine, ids, max_tokens or self.options.max_tokens, on_text, t0, rss, before)
-        self.conversation = conv.add_assistant(result.text)
-        return result
-
-    def _generate(self, engine: Engine, ids: list[int], limit: int, on_text: TextCallback | None, t0: float,
-                  rss: RssSampler, before: "_Snapshot") -> GenerationResult:
-        emit = on_text or (lambda piece: None)
-        stream = TextStream(self.tokenizer, self.conversation.stop_str)
-        clock = _Clock(time.monotonic())  # prefill_s: the LLM prefill (the image is encoded before)
-        features = self.image_features()
-        tokens: list[int] = []
-        for token in engine.generate_step(ids, features, limit, self.sampler, self.stop_ids):
-            clock.token()
-            if not tokens:
-                clock.at_first = _Snapshot.take(self.provider, engine)
-            tokens.append(token)
-            if token not in self.stop_ids:
-                piece = stream.push(token)
-                if piece:
-                    emit(piece)
-            rss.sample()
-        tail = stream.finish()
-        if tail:
-            emit(tail)
-        if tokens and tokens[-1] in self.stop_ids:
-            stop = "eos"
-        else:
-            stop = "length" if len(tokens) >= limit else "context"
-        stats = self._stats(engine, t0, clock, len(tokens), rss, before)
-        return GenerationResult(cut_at_stop(stream.text, self.conversation.stop_str), tuple(tokens), stop, stats)
-
-    def _stats(self, engine: Engine, t0: float, clock: "_Clock", n: int, rss: RssSampler,
-               before: "_Snapshot") -> GenerationStats:
+    def _stats(self, engine: Engine, t0: float, clock: Clock, n: int, rss: RssSampler,
+               before: CounterSnapshot) -> GenerationStats:
         info = engine.last_prefill
-        now = _Snapshot.take(self.provider, engine)
+        now = CounterSnapshot.take(self.provider, engine.moe.predictions)
         delta = now - before
         decode_paged = (now - clock.at_first).counters.bytes_paged if clock.at_first else 0
         first = clock.first or time.monotonic()
         decode_s = (clock.last or first) - first
+        budget = self.budget
         return GenerationStats(
             prompt_tokens=info.prompt_tokens if info else 0, image_tokens=info.image_tokens if info else 0,
             prefill_tokens=info.computed if info else 0, new_tokens=n, load_s=self._load_s,
             prefill_s=first - clock.start, time_to_first_token_s=first - t0, decode_s=decode_s,
             decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
             cache_hits=delta.counters.hits, cache_misses=delta.counters.misses,
-            prediction_precision=_ratio(delta.correct, delta.predicted),
-            prediction_recall=_ratio(delta.correct, delta.needed),
+            prediction_precision=ratio(delta.correct, delta.predicted),
+            prediction_recall=ratio(delta.correct, delta.needed),
             bytes_paged=delta.counters.bytes_paged, decode_bytes_paged=decode_paged,
             peak_rss_bytes=rss.peak, max_rss_bytes=max_rss_bytes(),
-            expert_budget_bytes=self.budget.expert_bytes if self.budget else None,
-            policy=self.options.policy if self.budget and self.budget.offloading else "resident",
+            expert_budget_bytes=budget.expert_bytes if budget else None,
+            policy=self.options.policy if budget and budget.offloading else "resident",
             expert_store=store_kind(getattr(self.provider, "store", self.provider)),
-            expert_cache_fraction=self.budget.expert_bytes / self.budget.all_expert_bytes
-            if self.budget and self.budget.offloading else None)
+            expert_cache_fraction=budget.expert_bytes / budget.all_expert_bytes
+            if budget and budget.offloading else None)
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -267,7 +309,7 @@ class ChatSession:
 
 def ask(bundle_path: str | Path, question: str, image: ImageSource | Sequence[ImageSource] | None = None, *,
         max_tokens: int = DEFAULT_MAX_TOKENS, memory_budget: str | int | None = None,
-        expert_budget: str | int | None = None, policy: str = "lru", temperature: float = 0.0,
+        expert_budget: str | int | None = None, policy: str = DEFAULT_POLICY, temperature: float = 0.0,
         top_p: float = 1.0, seed: int = 0, on_text: TextCallback | None = None,
         prefetch: bool = True, expert_store: str = "auto") -> GenerationResult:
     """Answer one question about one image with the bundle at `bundle_path` (greedy by default)."""
@@ -277,43 +319,27 @@ def ask(bundle_path: str | Path, question: str, image: ImageSource | Sequence[Im
         return session.ask(question, on_text)
 
 
-# -- bookkeeping -------------------------------------------------------------------------------------
+class _Emitter:
+    """Text to `on_text` as soon as it is certain; (id, text) to `on_token` one id late, so the last
+    id can carry the text held back until the end."""
 
-@dataclass
-class _Clock:
-    """When generation started and when the first and latest token came out."""
+    def __init__(self, on_text: TextCallback | None, on_token: TokenCallback | None) -> None:
+        self.on_text, self.on_token = on_text, on_token
+        self._held: tuple[int, str] | None = None
 
-    start: float
-    first: float | None = None
-    last: float | None = None
-    at_first: "_Snapshot | None" = None  # counters when the first token came out
+    def __call__(self, token: int, piece: str) -> None:
+        if piece and self.on_text is not None:
+            self.on_text(piece)
+        if self._held is not None and self.on_token is not None:
+            self.on_token(*self._held)
+        self._held = (token, piece)
 
-    def token(self) -> None:
-        self.last = time.monotonic()
-        self.first = self.first or self.last
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    """Cumulative provider and prediction counters, to subtract per generation."""
-
-    counters: ProviderCounters
-    predicted: int
-    needed: int
-    correct: int
-
-    @classmethod
-    def take(cls, provider: Any, engine: Engine) -> "_Snapshot":
-        p: PredictionSummary = engine.moe.predictions.summary()
-        return cls(provider_counters(provider), p.predicted, p.needed, p.correct)
-
-    def __sub__(self, other: "_Snapshot") -> "_Snapshot":
-        return _Snapshot(self.counters - other.counters, self.predicted - other.predicted,
-                         self.needed - other.needed, self.correct - other.correct)
-
-
-def _ratio(num: int, den: int) -> float | None:
-    return num / den if den else None
+    def finish(self, tail: str) -> None:
+        if tail and self.on_text is not None:
+            self.on_text(tail)
+        if self._held is not None and self.on_token is not None:
+            self.on_token(self._held[0], self._held[1] + tail)
+        self._held = None
 
 
 class _NoProvider:

@@ -89,9 +89,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Engine:
     """Trunk + MoE layers + KV cache for one conversation at a time."""
 
-    def __init__(self, trunk: Trunk, moe: MoELayer, logit_limit: int | None, capacity: int) -> None:
+    def __init__(self, trunk: Trunk, moe: MoELayer, logit_limit: int | None, capacity: int,
+                 context_limit: int | None = None) -> None:
         self.trunk, self.moe, self.config = trunk, moe, trunk.config
         self.logit_limit = logit_limit
+        self._context_limit = context_limit  # --ctx-size: fewer positions than the model's own
         self.cache: KVCache = trunk.new_cache(min(capacity, self.max_positions))
         self.context: list[int] = []  # token per cached position (IMAGE_TOKEN_INDEX for image rows)
         self._image_digest: bytes | None = None  # which image the cached image rows hold
@@ -99,7 +101,16 @@ class Engine:
 
     @property
     def max_positions(self) -> int:
-        return self.config.max_position_embeddings
+        """The context: the model's positions, or fewer if the caller limited it."""
+        own = self.config.max_position_embeddings
+        return own if self._context_limit is None else min(own, self._context_limit)
+
+    def forget(self) -> None:
+        """Drop the cached context: the next prefill computes every position (answers then do not
+        depend on what was asked before)."""
+        self.cache.truncate(0)
+        self.context.clear()
+        self._image_digest = None
 
     # -- one forward pass ---------------------------------------------------------------------------
 
@@ -212,7 +223,7 @@ class Engine:
         for i in range(max_tokens):
             if on_logits is not None:
                 on_logits(logits)
-            token = sampler(logits)
+            token = sampler(logits, self.context)
             yield token
             if token in stop or i == max_tokens - 1 or self.full:
                 return

@@ -15,10 +15,13 @@ from __future__ import annotations
 import resource
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import psutil
+
+from edgemoe.runtime.providers import ProviderCounters, provider_counters
 
 
 @dataclass(frozen=True)
@@ -73,12 +76,50 @@ class GenerationResult:
 
     text: str
     token_ids: tuple[int, ...]
-    stop_reason: str  # "eos" | "length" | "context"
+    stop_reason: str  # "eos" | "stop" (a caller's stop string) | "length" | "context" | "cancelled"
     stats: GenerationStats
 
     def to_dict(self) -> dict[str, Any]:
         return {"answer": self.text, "token_ids": list(self.token_ids), "stop_reason": self.stop_reason,
                 "stats": self.stats.to_dict()}
+
+
+@dataclass
+class Clock:
+    """When generation started and when the first and latest token came out."""
+
+    start: float
+    first: float | None = None
+    last: float | None = None
+    at_first: "CounterSnapshot | None" = None  # counters when the first token came out
+
+    def token(self) -> None:
+        self.last = time.monotonic()
+        self.first = self.first or self.last
+
+
+@dataclass(frozen=True)
+class CounterSnapshot:
+    """Cumulative provider and prediction counters, to subtract per generation."""
+
+    counters: ProviderCounters
+    predicted: int
+    needed: int
+    correct: int
+
+    @classmethod
+    def take(cls, provider: Any, predictions: Any) -> "CounterSnapshot":
+        """`predictions`: the MoE layer's prediction record (anything with `summary()`)."""
+        p = predictions.summary()
+        return cls(provider_counters(provider), p.predicted, p.needed, p.correct)
+
+    def __sub__(self, other: "CounterSnapshot") -> "CounterSnapshot":
+        return CounterSnapshot(self.counters - other.counters, self.predicted - other.predicted,
+                               self.needed - other.needed, self.correct - other.correct)
+
+
+def ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
 
 
 def _mb(nbytes: int) -> str:
