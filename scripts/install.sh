@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 LOG=.venv/install.log
-if ! { python -m pip install -q "torch==2.13.0" && python -m pip install -q -e ".[export,bench,dev]"; } >"$LOG" 2>&1; then
+if ! { python -m pip install -q "torch==2.13.0" && python -m pip install -q -e ".[export,bench,serve,dev]"; } >"$LOG" 2>&1; then
   cat "$LOG" >&2
   echo "install failed (log above, also in $LOG)" >&2
   exit 1

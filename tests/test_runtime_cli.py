@@ -49,3 +49,72 @@ def test_errors_are_one_line(tiny, tmp_path) -> None:
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and run.stderr.startswith("error: ")
     run = edgemoe_cli("ask", str(tiny.bundle("qwen")), "What?", "--image", str(tiny.image), "--expert-budget", "1kB")
     assert run.returncode == 2 and "minimum is" in run.stderr and run.stderr.strip().count("\n") == 0
+
+
+def test_stream_json_prints_one_event_per_token_then_the_answer(tiny) -> None:
+    bundle = tiny.bundle("stablelm")
+    args = ("ask", str(bundle), "What is in the image?", "--image", str(tiny.image), "--max-tokens", "7")
+    run = edgemoe_cli(*args, "--stream-json")
+    assert run.returncode == 0, run.stderr
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    tokens, done = events[:-1], events[-1]
+    plain = json.loads(edgemoe_cli(*args, "--json").stdout)
+    assert [e["type"] for e in tokens] == ["token"] * len(plain["token_ids"]) and done["type"] == "done"
+    assert [e["id"] for e in tokens] == plain["token_ids"] == done["token_ids"]
+    assert "".join(e["text"] for e in tokens) == plain["answer"] == done["answer"]
+    assert STATS_KEYS <= set(done["stats"])
+
+
+def test_stdin_takes_the_image_or_the_question(tiny) -> None:
+    bundle = tiny.bundle("phi")
+    want = ask(bundle, "What is in the image?", tiny.image, max_tokens=5)
+    image_bytes = tiny.image.read_bytes()
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "edgemoe.cli", "ask", str(bundle), "What is in the image?", "--image",
+                          "-", "--max-tokens", "5", "--json"], input=image_bytes, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["token_ids"] == list(want.token_ids)
+    run = edgemoe_cli("ask", str(bundle), "-", "--image", str(tiny.image), "--max-tokens", "5", "--json",
+                      stdin="What is in the image?\n")
+    assert json.loads(run.stdout)["token_ids"] == list(want.token_ids)
+    run = edgemoe_cli("ask", str(bundle), "-", "--image", "-", stdin="What?")
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "stdin is already" in run.stderr
+
+
+def test_sampling_knobs_and_threads_keep_their_promises(tiny) -> None:
+    bundle = tiny.bundle("qwen")
+    base = ("ask", str(bundle), "What is in the image?", "--image", str(tiny.image), "--max-tokens", "6", "--json")
+    greedy = json.loads(edgemoe_cli(*base).stdout)
+    for extra in (("--temperature", "1.5", "--top-k", "1", "--seed", "3"),  # one candidate: the argmax
+                  ("--temperature", "1.5", "--min-p", "0.999999"),  # nothing but the most likely survives
+                  ("--threads", "1"),
+                  ("--memory-budget", "auto")):
+        run = edgemoe_cli(*base, *extra)
+        assert run.returncode == 0, (extra, run.stderr)
+        assert json.loads(run.stdout)["token_ids"] == greedy["token_ids"], extra
+    auto = edgemoe_cli(*base, "--memory-budget", "auto")
+    assert auto.stderr.splitlines()[0].startswith("memory budget auto: ")
+    system = json.loads(edgemoe_cli(*base, "--system", "Answer in one word.").stdout)
+    assert system["stats"]["prompt_tokens"] != greedy["stats"]["prompt_tokens"]
+    short = edgemoe_cli(*base, "--ctx-size", "8")
+    assert short.returncode == 2 and "context of 8" in short.stderr and short.stderr.strip().count("\n") == 0
+
+
+def test_a_checkpoint_given_as_a_bundle_says_to_export_it(tiny) -> None:
+    run = edgemoe_cli("ask", str(tiny.checkpoint("stablelm")), "What?")
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0
+    assert "is a model checkpoint, not a bundle" in run.stderr and "edgemoe export" in run.stderr
+
+
+def test_the_library_and_the_cli_default_to_the_same_policy() -> None:
+    import inspect as pyinspect
+
+    from edgemoe.cli import ask as ask_command
+    from edgemoe.offload.policies import DEFAULT_POLICY
+    from edgemoe.runtime import GenerationOptions
+
+    cli_default = pyinspect.signature(ask_command).parameters["policy"].default.default
+    library_default = pyinspect.signature(ask).parameters["policy"].default
+    assert cli_default == library_default == GenerationOptions().policy == DEFAULT_POLICY

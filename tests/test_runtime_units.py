@@ -163,3 +163,32 @@ def test_second_turn_reuses_the_cache_and_matches_a_fresh_prefill(tiny) -> None:
     _, fresh, _ = run_engine(bundle, tiny.image, ids=ids, max_tokens=1)
     finite = np.isfinite(fresh[0])
     np.testing.assert_allclose(reused[finite], fresh[0][finite], atol=1e-4)
+
+
+def test_top_k_min_p_and_repeat_penalty_follow_llama_cpp() -> None:
+    from edgemoe.runtime.sampling import penalize_repeats, top_k_only
+
+    logits = np.array([2.0, -1.0, 0.5, 3.0], np.float32)
+    np.testing.assert_allclose(penalize_repeats(logits, [0, 1, 1, -200], 2.0), [1.0, -2.0, 0.5, 3.0])
+    assert list(np.isfinite(top_k_only(logits.astype(np.float64), 2))) == [True, False, False, True]
+    # The penalty applies to greedy choice too: id 3 repeated at 1.5 falls to 2.0 and id 0 wins the tie.
+    assert Sampler(repeat_penalty=1.5)(logits, recent=[3]) == 0
+    assert Sampler(repeat_penalty=1.5, repeat_last_n=1)(logits, recent=[3, 2]) == 3  # id 3 is outside the window
+    draws = [Sampler(temperature=5.0, top_k=2, seed=s)(logits) for s in range(40)]
+    assert set(draws) == {0, 3}
+    draws = [Sampler(temperature=1.0, min_p=0.3, seed=s)(logits) for s in range(40)]
+    assert set(draws) == {0, 3}  # p(2)/p(3) = e^-2.5 < 0.3, p(0)/p(3) = e^-1 > 0.3
+    for bad in ({"top_k": -1}, {"min_p": 1.0}, {"repeat_penalty": 0.0}):
+        with pytest.raises(EdgeMoEError):
+            Sampler(**bad)
+
+
+def test_text_stream_stops_at_the_first_of_several_stop_strings_and_strips() -> None:
+    stream = TextStream(ByteTokenizer(), ["<|endoftext|>", "lo"])
+    pieces = [stream.push(i) for i in (0, 1, 6)]
+    pieces.append(stream.finish())
+    assert stream.stopped and "".join(pieces) == stream.text == "Hel"
+    stream = TextStream(ByteTokenizer(), "<|endoftext|>")
+    pieces = [stream.push(i) for i in (1, 6, 4)]  # "lo  world<|end": the trailing text waits
+    pieces.append(stream.finish())
+    assert "".join(pieces) == stream.text == "lo  world<|end"

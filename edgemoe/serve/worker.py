@@ -160,6 +160,7 @@ class Worker:
             job.emit("error", ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
             return
         self._previous = (conversation.add_assistant(result.text), keys) if result.stop_reason != "cancelled" else None
+        log.info("request stopped after %d tokens: %s", len(result.token_ids), result.stop_reason)
         job.emit("done", result)
 
     def _conversation(self, request: ChatRequest) -> Conversation:
