@@ -21,6 +21,7 @@ from rich.text import Text
 
 from edgemoe import __version__
 from edgemoe.cli_options import BundleDir, generation_flags, generation_options
+from edgemoe.offload.policies import DEFAULT_POLICY
 from edgemoe.errors import EdgeMoEError
 
 app = typer.Typer(
@@ -121,7 +122,7 @@ def bench(
         None, "--expert-budgets", help="Comma-separated percentages of the expert bytes or sizes "
                                        "(default 100%,75%,50%,25% unless --memory-budgets is given)."),
     memory_budgets: Optional[str] = typer.Option(None, "--memory-budgets", help="Comma-separated sizes, e.g. 2GB,3GB."),
-    policies: str = typer.Option("lru", "--policies", help="Comma-separated: lru, lfu, edgemoe."),
+    policies: str = typer.Option(DEFAULT_POLICY, "--policies", help="Comma-separated: lru, lfu, edgemoe."),
     expert_stores: str = typer.Option("auto", "--expert-stores", help="Comma-separated: mapped, sessions, fused, "
                                       "auto (several: side by side, see `edgemoe ask --expert-store`; fused runs only "
                                       "at the full budget)."),

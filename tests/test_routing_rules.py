@@ -35,8 +35,10 @@ def _by_expert(experts: np.ndarray, weights: np.ndarray) -> list[dict[int, float
 def _assert_same(ours_e, ours_w, theirs_e, theirs_w) -> None:
     ours, theirs = _by_expert(_np(ours_e), _np(ours_w)), _by_expert(_np(theirs_e), _np(theirs_w))
     for a, b in zip(ours, theirs):
-        assert a.keys() == b.keys()
-        np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-6, atol=1e-7)
+        assert a.keys() == b.keys()  # the same experts, exactly
+        # Weights to a few fp32 ulps: numpy and torch sum the softmax in different orders, and a
+        # routed_scaling_factor of 16 carries that into the 6th digit (1.6e-6 measured on an AMD EPYC).
+        np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=4e-6, atol=1e-7)
 
 
 def _inputs(seed: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:

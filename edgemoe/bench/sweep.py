@@ -36,20 +36,16 @@ from edgemoe.bench.results import EDGEMOE, BenchReport, BenchRun, RunStats
 from edgemoe.bundle import Bundle
 from edgemoe.bundle.entries import MANIFEST_NAME
 from edgemoe.errors import EdgeMoEError
+from edgemoe.offload.policies import DEFAULT_POLICY, POLICIES
 from edgemoe.runtime.providers import EXPERT_STORES
 
 log = logging.getLogger(__name__)
 
 BenchProgress = Callable[[str, int, int, str], None]  # (phase, done, total, label), as export's
-FALLBACK_POLICIES = ("lru", "lfu", "edgemoe")
 PHASE = "benchmarking"
 
 
 def known_policies() -> tuple[str, ...]:
-    try:
-        from edgemoe.offload.policies import POLICIES
-    except ImportError:  # the offload package is younger than this module
-        return FALLBACK_POLICIES
     return tuple(POLICIES)
 
 
@@ -59,7 +55,7 @@ class BenchOptions:
 
     expert_budgets: tuple[Budget, ...] = parse_budgets(DEFAULT_EXPERT_BUDGETS)
     memory_budgets: tuple[Budget, ...] = ()
-    policies: tuple[str, ...] = ("lru",)
+    policies: tuple[str, ...] = (DEFAULT_POLICY,)
     expert_stores: tuple[str, ...] = ("auto",)  # runtime.providers.EXPERT_STORES; several: side by side
     tokens: int = 32
     question: str = DEFAULT_QUESTION
@@ -94,7 +90,7 @@ class BenchOptions:
 
     @classmethod
     def parse(cls, expert_budgets: str | None = None, memory_budgets: str | None = None,
-              policies: str = "lru", expert_stores: str = "auto", **kwargs) -> "BenchOptions":
+              policies: str = DEFAULT_POLICY, expert_stores: str = "auto", **kwargs) -> "BenchOptions":
         """From the CLI's strings; expert budgets default to 100%,75%,50%,25% unless memory budgets are given."""
         if expert_budgets is None and memory_budgets is None:
             expert_budgets = DEFAULT_EXPERT_BUDGETS

@@ -56,6 +56,8 @@ class CacheStats:
 class ExpertCache:
     """Experts resident within `capacity_bytes` (module docstring)."""
 
+    # "lru" here only because a bare cache may not know the model's MoE layers, which the edgemoe
+    # policy needs; providers pass the runtime's DEFAULT_POLICY with the layers.
     def __init__(self, capacity_bytes: int, policy: str | EvictionPolicy = "lru", *,
                  moe_layers: Sequence[int] | None = None, on_evict: Callable[[int], None] | None = None) -> None:
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:

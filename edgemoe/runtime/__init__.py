@@ -11,12 +11,14 @@ Modules, data flow first:
   routing.py     the fp32 top-2 router in numpy, deterministic
   moe.py         route -> dispatch -> experts (from an ExpertProvider) -> combine; next-layer hints
   engine.py      prefill (image spliced) and decode; generate_step yields ids (no tokenizer)
-  sampling.py    greedy, temperature / top-p with a seed
-  detokenize.py  ids -> streamed text
+  sampling.py    greedy; temperature, top-k, top-p, min-p, repeat penalty with a seed
+  detokenize.py  ids -> streamed text, cut at stop strings
+  options.py     GenerationOptions; --memory-budget auto
   budget.py      --memory-budget / --expert-budget -> expert cache capacity
   providers.py   resident or offloading provider; its counters
   stats.py       GenerationStats, GenerationResult, RSS sampling
-  api.py         ask(), ChatSession
+  transcript.py  a conversation as JSON (chat's /save, /load)
+  api.py         ask(), ChatSession (a conversation, or a server's requests through one engine)
 Nothing here imports torch or transformers.
 """
 

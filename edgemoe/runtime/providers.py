@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgemoe.bundle import Bundle
-from edgemoe.offload import POLICIES, OffloadingProvider, OnnxExpertStore, ResidentProvider
+from edgemoe.offload import DEFAULT_POLICY, POLICIES, OffloadingProvider, OnnxExpertStore, ResidentProvider
 from edgemoe.offload.errors import OffloadError, PrepareError
 from edgemoe.offload.fused import FusedExperts
 from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
@@ -64,7 +64,7 @@ def resident_sizes(store: Any) -> dict | None:
     return None
 
 
-def make_provider(bundle: Bundle, capacity_bytes: int | None, policy: str = "lru", store: Any = None) -> Any:
+def make_provider(bundle: Bundle, capacity_bytes: int | None, policy: str = DEFAULT_POLICY, store: Any = None) -> Any:
     """A resident provider (capacity None) or an offloading one (module docstring)."""
     if policy not in POLICIES:
         raise OffloadError(f"unknown eviction policy {policy!r}: expected one of {', '.join(POLICIES)}")
