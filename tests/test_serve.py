@@ -180,6 +180,42 @@ def test_the_openai_client_sees_typed_errors(server: Server) -> None:
         client.embeddings.create(model=f"{FAMILY}-int4", input="hi")
 
 
+@contextmanager
+def files_over_http(root: Path) -> Iterator[str]:
+    """A local static file server (the stand-in for a remote image host)."""
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        thread.join(10)
+
+
+def test_remote_images_are_fetched_only_when_allowed(tiny, tmp_path) -> None:
+    bundle = tiny.bundle(FAMILY, "int4")
+    (tmp_path / "image.png").write_bytes(tiny.image.read_bytes())
+    (tmp_path / "note.txt").write_text("not an image")
+    want = ask_json(bundle, QUESTION, tiny.image, 5)["answer"]
+    with files_over_http(tmp_path) as host, serving(bundle, "--allow-remote-images") as server:
+        client = server.client()
+        reply = client.chat.completions.create(model=bundle.name, max_tokens=5,
+                                               messages=image_message(QUESTION, f"{host}/image.png"))
+        assert reply.choices[0].message.content == want
+        for path, code in (("note.txt", "invalid_image"), ("missing.png", "image_fetch_failed")):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.chat.completions.create(model=bundle.name, max_tokens=5,
+                                               messages=image_message(QUESTION, f"{host}/{path}"))
+            assert caught.value.body["code"] == code
+        assert server.stop() == 0
+
+
 def test_api_key_queue_limit_cancellation_and_a_clean_stop(tiny) -> None:
     bundle = tiny.bundle(FAMILY, "int4")
     with serving(bundle, "--api-key", "sesame", "--max-queue", "0") as server:

@@ -183,13 +183,14 @@ class PredictionSummary:
 
 
 class PredictionStats:
-    """Accumulates per-event precision and recall of predicted vs used expert sets (thread-safe)."""
+    """Accumulates per-event precision and recall of predicted vs used expert sets (thread-safe), as
+    running sums: its memory does not grow with the tokens a long chat or server decodes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._events = self._predicted = self._needed = self._correct = self._exact = 0
-        self._precisions: list[float] = []
-        self._recalls: list[float] = []
+        self._precision_sum = self._recall_sum = 0.0
+        self._precision_events = self._recall_events = 0
 
     def record(self, predicted: Iterable[int], needed: Iterable[int]) -> None:
         p, n = set(predicted), set(needed)
@@ -200,15 +201,18 @@ class PredictionStats:
                 self._correct + hit
             self._exact += p == n
             if p:
-                self._precisions.append(hit / len(p))
+                self._precision_sum += hit / len(p)
+                self._precision_events += 1
             if n:
-                self._recalls.append(hit / len(n))
+                self._recall_sum += hit / len(n)
+                self._recall_events += 1
 
     def summary(self) -> PredictionSummary:
         with self._lock:
             return PredictionSummary(self._events, self._predicted, self._needed, self._correct,
-                                     _mean(self._precisions), _mean(self._recalls), self._exact)
+                                     _mean(self._precision_sum, self._precision_events),
+                                     _mean(self._recall_sum, self._recall_events), self._exact)
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def _mean(total: float, count: int) -> float | None:
+    return total / count if count else None
