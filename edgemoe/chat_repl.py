@@ -70,7 +70,13 @@ def run_chat(session: Any, interactive: bool, as_json: bool, out: Console, err: 
                 err.print(f"error: {exc}", highlight=False)
             continue
         with _Interrupt() as interrupt:
-            last = session.ask(line, on_text=None if as_json else write, should_stop=lambda: interrupt.fired)
+            try:
+                last = session.ask(line, on_text=None if as_json else write, should_stop=lambda: interrupt.fired)
+            except EdgeMoEError as exc:  # e.g. the conversation outgrew the memory budget
+                if not interactive:
+                    raise  # a script gets the error and the exit code
+                err.print(f"error: {exc}", highlight=False)  # a person can /clear and go on
+                continue
         if as_json:
             write(json.dumps(last.to_dict(), ensure_ascii=False) + "\n")
         else:

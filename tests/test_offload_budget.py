@@ -76,3 +76,18 @@ def test_memory_budget_too_small_names_the_minimum() -> None:
         MemoryBudget(1000, trunk_bytes=-1)
     with pytest.raises(BudgetError, match="no experts to budget for"):
         MemoryBudget(1000).expert_budget({})
+
+
+def test_the_plan_follows_a_growing_kv_cache_and_refuses_naming_the_minimum() -> None:
+    from edgemoe.offload.budget import BudgetError
+    from edgemoe.runtime.budget import BudgetPlan
+
+    memory = MemoryBudget(1000, trunk_bytes=300, kv_cache_bytes=100, activation_bytes=50, slack_bytes=50)
+    plan = BudgetPlan(500, 2000, 120, memory, resident_sizes=(120,) * 20, factor=1.0)
+    grown = plan.for_context(kv_cache_bytes=300, activation=50)
+    assert grown.expert_bytes == 1000 - 300 - 300 - 50 - 50 == plan.expert_bytes - 200
+    capped = BudgetPlan(500, 2000, 120, memory, (120,) * 20, 1.0, expert_cap=240).for_context(100, 50)
+    assert capped.expert_bytes == 240  # an expert budget still caps what the memory budget leaves
+    with pytest.raises(BudgetError, match=r"the minimum budget is 1070 bytes"):
+        plan.for_context(kv_cache_bytes=570, activation=50)  # 300 + 570 + 50 + 50 + one expert of 120
+    assert BudgetPlan(None, 2000, 120).for_context(10**9, 10**9).expert_bytes is None  # no memory budget

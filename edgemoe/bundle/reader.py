@@ -21,6 +21,7 @@ from edgemoe.bundle.entries import MANIFEST_NAME, BundleError, FileEntry
 from edgemoe.bundle.hashing import sha256_file
 from edgemoe.bundle.manifest import Manifest
 from edgemoe.keys import ExpertKey
+from edgemoe.page_cache import drop_cached
 
 if TYPE_CHECKING:  # edgemoe.progress imports rich, which the runtime path does not need
     from edgemoe.progress import ProgressFn
@@ -85,7 +86,9 @@ class Bundle:
             self._check(entry, tick)
 
     def verify_file(self, entry: FileEntry, *, recheck: bool = False) -> None:
-        """Check one entry (and its external data) once; later calls cost a stat unless `recheck`."""
+        """Check one entry (and its external data) once; later calls cost a stat unless `recheck`. The
+        file's pages are dropped from the OS page cache after hashing (they would count in the run's
+        footprint, and a later read of the file should come from disk as it would on a small machine)."""
         for e in self.manifest.files_of(entry):
             identity = self._stat(e)
             if not recheck and self._verified.get(e.path) == identity:
@@ -99,6 +102,7 @@ class Bundle:
     def _check(self, entry: FileEntry, on_bytes: Callable[[int], None] | None = None) -> None:
         before = self._stat(entry)
         size, digest = sha256_file(self.path_of(entry), on_bytes)
+        drop_cached(self.path_of(entry))  # hashing must not leave the bundle in the page cache
         if size != entry.size:  # changed under us since the stat
             raise _size_error(entry, size)
         if digest != entry.sha256:

@@ -208,6 +208,24 @@ class ExpertCache:
             log.debug("evicted %s (%s policy)", victim, self.policy.name)
         return True
 
+    def resize(self, capacity_bytes: int) -> None:
+        """A new capacity (a memory budget's room for experts changed: the KV cache grew); evicts by
+        policy down to it. CacheCapacityError, with nothing changed, when pinned or loading experts
+        alone exceed it."""
+        evicted: list[ExpertRunner] = []
+        with self._lock:
+            if capacity_bytes <= 0:
+                raise CacheCapacityError(f"cache capacity must be positive, got {capacity_bytes}")
+            held = self._used - sum(self._sizes[k] for k in self._runners if not self._pins[k])
+            if held > capacity_bytes:
+                raise CacheCapacityError(f"cannot shrink the expert cache to {capacity_bytes} bytes: {held} bytes "
+                                         "are pinned or loading")
+            old, self.capacity_bytes = self.capacity_bytes, capacity_bytes
+            self._make_room(0, evicted)
+        if capacity_bytes != old:
+            log.info("expert cache resized from %d to %d bytes (%d evicted)", old, capacity_bytes, len(evicted))
+        self._dispose(evicted)
+
     def no_room(self, key: ExpertKey, nbytes: int) -> CacheCapacityError:
         """The error for a load of `key` that cannot find room (names what holds the capacity)."""
         with self._lock:

@@ -29,7 +29,8 @@ import numpy as np
 
 from edgemoe.keys import ExpertKey
 from edgemoe.offload.errors import OffloadError, one_line
-from edgemoe.offload.prepacked import PrepackedGraphs
+from edgemoe.offload.prepacked import PrepackedGraphs, data_file
+from edgemoe.page_cache import drop_cached
 
 if TYPE_CHECKING:
     from edgemoe.bundle import Bundle
@@ -131,6 +132,8 @@ class FusedExperts:
                 self._sessions[n] = create_session(str(path), session_options())
             except Exception as exc:
                 raise OffloadError(f"ONNX Runtime cannot open the fused experts of layer {n}: {one_line(exc)}") from exc
+            drop_cached(path)  # the graph and the original weights ORT read; the mapped packed pages stay
+            drop_cached(data_file(path))
 
     def _prepare(self, bundle: "Bundle", graphs: PrepackedGraphs, layer: int, key: str) -> Path:
         from edgemoe.offload.sessions import session_options

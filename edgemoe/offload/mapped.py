@@ -7,7 +7,7 @@ building a private copy. Each expert's session is created once, on its first loa
 (`madvise(MADV_POPULATE_READ)`: from the OS page cache at memory speed, from disk when cold) and
 returns the expert; `MappedExpert.release()`, which the cache calls on eviction, drops them from the
 process (`madvise(MADV_DONTNEED)`: the pages are clean, so nothing is written back). Eviction is
-microseconds and a page-cache miss costs a copy-free mapping instead of a session build (tens of
+microseconds and a miss costs a read of the expert's packed bytes instead of a session build (tens of
 milliseconds). `size_of(key)` is the expert's mapped bytes: what paging it in adds to the process's
 RSS and evicting it gives back, known before any load, so budgets are exact. Sessions are never
 freed, so their small private memory is not the cache's: `session_overhead_bytes` (every expert's
@@ -34,14 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from edgemoe.errors import EdgeMoEError
 from edgemoe.keys import ExpertKey
 from edgemoe.offload.errors import ExpertLoadError, PrepareError, one_line
-from edgemoe.offload.prepacked import SESSION_OVERHEAD, PrepackedGraphs, data_file, mapped_bytes
+from edgemoe.offload.prepacked import PAGE, SESSION_OVERHEAD, PrepackedGraphs, data_file, mapped_bytes
 from edgemoe.offload.sessions import glibc
 from edgemoe.offload.store import LoadCounter, OnnxExpert, StoreStats
+from edgemoe.page_cache import drop_cached
 
 if TYPE_CHECKING:
     from edgemoe.bundle import Bundle
@@ -82,8 +81,8 @@ def mapped_store_supported() -> bool:
     return _madvise_fn() is not None and os.path.exists("/proc/self/maps")
 
 
-def find_mappings(path: Path) -> tuple[tuple[int, int], ...]:
-    """(address, length) of every range this process maps from `path`."""
+def find_mappings(path: Path) -> tuple[tuple[int, int, int], ...]:
+    """(address, length, file offset) of every range this process maps from `path`."""
     target = os.path.realpath(path)
     ranges = []
     with open("/proc/self/maps", encoding="utf-8", errors="surrogateescape") as f:
@@ -91,13 +90,13 @@ def find_mappings(path: Path) -> tuple[tuple[int, int], ...]:
             parts = line.split(maxsplit=5)
             if len(parts) == 6 and parts[5].rstrip("\n") == target:
                 start, end = (int(v, 16) for v in parts[0].split("-"))
-                ranges.append((start, end - start))
+                ranges.append((start, end - start, int(parts[2], 16)))
     return tuple(ranges)
 
 
-def resident_bytes(ranges: tuple[tuple[int, int], ...]) -> int:
-    """Bytes of `ranges` now resident in this process (Rss in /proc/self/smaps)."""
-    starts = {start for start, _ in ranges}
+def resident_bytes(ranges: tuple[tuple[int, ...], ...]) -> int:
+    """Bytes of `ranges` (address first) now resident in this process (Rss in /proc/self/smaps)."""
+    starts = {r[0] for r in ranges}
     total, current = 0, False
     with open("/proc/self/smaps", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
@@ -109,43 +108,86 @@ def resident_bytes(ranges: tuple[tuple[int, int], ...]) -> int:
     return total
 
 
+# MADV_POPULATE_READ arrived in Linux 5.14; before that madvise answers EINVAL and page_in reads the
+# file instead (tests switch this off to exercise that path).
+POPULATE_READ = True
+READ_CHUNK = 1 << 20
+
+
 @dataclass
 class PageResidency:
-    """The ranges one session maps from its data file, paged in and out with madvise."""
+    """The ranges one session maps from its data file, paged in and out (module docstring).
+
+    Paging in leaves only the mapped ranges cached (readahead past them is dropped); paging out
+    unmaps them and drops them from the page cache, so a later load really reads the file. A failed
+    page-in drops whatever it brought in before raising."""
 
     path: Path
-    ranges: tuple[tuple[int, int], ...] = ()
+    ranges: tuple[tuple[int, int, int], ...] = ()  # (address, length, file offset)
 
     @property
     def nbytes(self) -> int:
-        return sum(n for _, n in self.ranges)
+        return sum(r[1] for r in self.ranges)
 
     def page_in(self) -> None:
-        """Fault every mapped page in; OSError when the file cannot be read (where touching the
-        pages would raise SIGBUS instead, MADV_POPULATE_READ returns an error)."""
+        """Make every mapped page resident; OSError when the file cannot be read. Never touches a page
+        that might not be readable: MADV_POPULATE_READ returns the error where a touch would SIGBUS,
+        and without it the ranges are read with pread, which fails instead."""
+        try:
+            if not self._populate():
+                self._read()
+        except OSError:
+            self.page_out()
+            raise
+        drop_cached(self.path, self._unmapped())  # readahead past the mapped ranges
+
+    def _populate(self) -> bool:
+        """MADV_POPULATE_READ every range; False where the kernel lacks it."""
+        if not POPULATE_READ:
+            return False
         libc = _madvise_fn()
-        for start, length in self.ranges:
+        for start, length, _ in self.ranges:
             if libc.madvise(start, length, MADV_POPULATE_READ) == 0:
                 continue
             err = ctypes.get_errno()
-            if err != errno.EINVAL:  # EFAULT / EIO / ENOMEM: the data cannot be read
-                raise OSError(err, f"cannot page in {self.path.name}: {os.strerror(err)}")
-            libc.madvise(start, length, MADV_WILLNEED)  # kernels before 5.14 lack the advice: touch
-            _touch(start, length)
+            if err == errno.EINVAL:
+                return False
+            raise OSError(err, f"cannot page in {self.path.name}: {os.strerror(err)}")
+        return True
+
+    def _read(self) -> None:
+        """The ranges read into the page cache with pread (the mapping then faults them in from the
+        cache, without I/O); a range the file no longer covers is EIO, as is a read that fails."""
+        with open(self.path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            for _, length, offset in self.ranges:
+                end = min(offset + length, size)
+                if size <= offset + length - PAGE:  # its last page lies past EOF: the file was truncated
+                    raise OSError(errno.EIO, f"cannot page in {self.path.name}: the file is truncated")
+                pos = offset
+                while pos < end:
+                    got = len(os.pread(f.fileno(), min(READ_CHUNK, end - pos), pos))
+                    if got == 0:
+                        raise OSError(errno.EIO, f"cannot page in {self.path.name}: short read")
+                    pos += got
 
     def page_out(self) -> None:
         libc = _madvise_fn()
-        for start, length in self.ranges:
+        for start, length, _ in self.ranges:
             libc.madvise(start, length, MADV_DONTNEED)
+        drop_cached(self.path)
+
+    def _unmapped(self) -> list[tuple[int, int]]:
+        """(offset, length) of the file's gaps between mapped ranges, the tail as length 0 (to EOF)."""
+        gaps, at = [], 0
+        for _, length, offset in sorted(self.ranges, key=lambda r: r[2]):
+            if offset > at:
+                gaps.append((at, offset - at))
+            at = max(at, offset + length)
+        return gaps + [(at, 0)]
 
     def resident(self) -> int:
         return resident_bytes(self.ranges)
-
-
-def _touch(start: int, length: int) -> None:
-    """Fault every page of a mapped range in by reading one byte of each."""
-    view = np.ctypeslib.as_array((ctypes.c_uint8 * length).from_address(start))
-    int(view[:: os.sysconf("SC_PAGE_SIZE")].sum())
 
 
 class MappedExpert(OnnxExpert):
@@ -274,6 +316,10 @@ class MappedExpertStore:
         except Exception as exc:
             raise ExpertLoadError(key, f"ONNX Runtime cannot open {path.name}: {one_line(exc)}") from exc
         residency = PageResidency(data_file(path), find_mappings(data_file(path)))
+        # ORT read the whole graph and data file (original weights too) to build the session; keep
+        # none of it cached beyond the mapped pages it faulted in (footprint, module docstring).
+        drop_cached(path)
+        drop_cached(residency.path)
         if residency.nbytes > self._sizes[key]:
             log.warning("expert %s maps %d bytes, more than the %d its budget counts", key, residency.nbytes,
                         self._sizes[key])

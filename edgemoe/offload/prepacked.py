@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgemoe.page_cache import drop_cached, sync_and_drop
+
 log = logging.getLogger(__name__)
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -103,6 +105,10 @@ class PrepackedGraphs:
             graph, data = write_prepacked(Path(source), tmp, sha256, options)
             os.replace(data, target.parent / data.name)  # data first: a graph file implies its data
             os.replace(graph, target)
+            # Written pages are dirty in the page cache: write them out and drop them, so a first run
+            # does not hold the whole prepacked cache (about twice the experts) beyond its budget.
+            sync_and_drop([target.parent / data.name, target])
+            drop_cached(source)  # ORT read the bundle's graph to pack it
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.debug("prepacked %s -> %s", source, target)

@@ -33,7 +33,7 @@ from edgemoe.model.image import ImageSource, image_key, prepare_image
 from edgemoe.model.prompt import Conversation
 from edgemoe.model.tokenizer import Tokenizer, load_tokenizer
 from edgemoe.offload.policies import DEFAULT_POLICY
-from edgemoe.runtime.budget import BudgetPlan, plan_budget
+from edgemoe.runtime.budget import BudgetPlan, plan_budget, prefill_activation
 from edgemoe.runtime.detokenize import TextStream
 from edgemoe.runtime.engine import Engine, splice_positions
 from edgemoe.runtime.moe import MoELayer
@@ -176,9 +176,11 @@ class ChatSession:
         elif not reuse:
             self.engine.forget()
         engine = self.engine
+        limit = max_tokens or self.options.max_tokens
+        self._fit_context(engine, len(splice_positions(ids, self.image_tokens)), limit)
         before = CounterSnapshot.take(self.provider, engine.moe.predictions)
         with RssSampler() as rss:
-            return self._generate(engine, ids, max_tokens or self.options.max_tokens, _Emitter(on_text, on_token),
+            return self._generate(engine, ids, limit, _Emitter(on_text, on_token),
                                   t0, rss, before, sampler or self.sampler, (conversation.stop_str, *stops),
                                   should_stop)
 
@@ -267,6 +269,26 @@ class ChatSession:
                                   kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
                                   sizes=resident_sizes(store), fixed_bytes=getattr(store, "session_overhead_bytes", 0))
         return make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store)
+
+    def _fit_context(self, engine: Engine, positions: int, limit: int) -> None:
+        """Under a memory budget, the expert cache shrinks (or grows back) to what this prompt and its
+        answer leave: the KV cache grown to hold them (while it is copied, old and new both count) and
+        the prefill's activations. A conversation that no longer fits is a one-line BudgetError
+        naming the minimum, before anything runs. Without a memory budget the KV cache just grows."""
+        plan = self.budget
+        if plan is None or plan.memory_budget is None or not hasattr(self.provider, "cache"):
+            return
+        need = min(positions + limit, engine.max_positions)
+        activation = prefill_activation(self.bundle, positions)
+        if need > engine.cache.capacity:
+            grown = need * (engine.cache.nbytes // engine.cache.capacity)
+            self._apply(plan.for_context(engine.cache.nbytes + grown, activation))
+            engine.reserve(need)
+        self._apply(self.budget.for_context(engine.cache.nbytes, activation))
+
+    def _apply(self, plan: BudgetPlan) -> None:
+        self.budget = plan
+        self.provider.cache.resize(plan.expert_bytes)
 
     def _stats(self, engine: Engine, t0: float, clock: Clock, n: int, rss: RssSampler,
                before: CounterSnapshot) -> GenerationStats:

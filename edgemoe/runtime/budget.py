@@ -15,6 +15,10 @@ Contract: `plan_budget(bundle, memory_budget, expert_budget, ...)` returns a `Bu
                              (`edgemoe.offload.budget.MemoryBudget`).
   both                       the smaller capacity.
 
+The plan follows the run: `BudgetPlan.for_context(kv_cache_bytes, activation)` re-plans when the KV
+cache grows (a long chat, a longer prompt) or a prompt needs more activation memory, and the caller
+resizes the expert cache to it; a conversation that no longer fits is refused, naming the minimum.
+
 Either way the capacity must hold one expert (the largest): below that the refusal is a one-line
 `BudgetError` naming the minimum. Capacities are in the units the expert store counts: the bundle's
 file bytes for session stores (converted from RSS by `SESSION_BYTES_PER_FILE_BYTE`), or, when the
@@ -25,7 +29,7 @@ the cache does (its sessions), set aside from a memory budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edgemoe.bundle import Bundle
 from edgemoe.model.config import ModelConfig
@@ -48,6 +52,22 @@ class BudgetPlan:
     all_expert_bytes: int
     largest_expert_bytes: int
     memory_budget: MemoryBudget | None = None
+    resident_sizes: tuple[int, ...] = ()  # each expert's resident bytes (a memory budget's units)
+    factor: float = 1.0  # resident bytes per counted byte
+    expert_cap: int | None = None  # --expert-budget's capacity, which a memory budget never raises
+
+    def for_context(self, kv_cache_bytes: int, activation: int) -> "BudgetPlan":
+        """This plan once the KV cache takes `kv_cache_bytes` and a prefill `activation` bytes: the
+        expert cache gets what the memory budget then leaves (a BudgetError naming the minimum when
+        that is less than one expert). Without a memory budget the plan does not change."""
+        if self.memory_budget is None:
+            return self
+        memory = replace(self.memory_budget, kv_cache_bytes=int(kv_cache_bytes), activation_bytes=int(activation))
+        capacity = max(int(memory.expert_budget(self.resident_sizes).capacity_bytes / self.factor),
+                       self.largest_expert_bytes)
+        if self.expert_cap is not None:
+            capacity = min(capacity, self.expert_cap)
+        return replace(self, expert_bytes=capacity, memory_budget=memory)
 
     @property
     def offloading(self) -> bool:
@@ -87,6 +107,13 @@ def activation_bytes(cfg: ModelConfig, positions: int, vision_tokens: int, visio
     return 4 * max(decoder, vision)
 
 
+def prefill_activation(bundle: Bundle, positions: int) -> int:
+    """`activation_bytes` for a prefill of `positions` with this bundle's model and vision tower."""
+    vision = bundle.manifest.vision
+    tokens = int(vision.get("image_size", 336) // vision.get("patch_size", 14)) ** 2 + 1
+    return activation_bytes(bundle.manifest.model_config(), positions, tokens, int(vision.get("hidden_size", 1024)))
+
+
 def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: str | int | None, *,
                 baseline_rss: int = 0, kv_cache_bytes: int = 0, prompt_positions: int = 0,
                 sizes: dict | None = None, fixed_bytes: int = 0) -> BudgetPlan:
@@ -96,17 +123,17 @@ def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: 
     largest, total = max(sizes.values()), sum(sizes.values())
     capacities: list[int] = []
     memory = None
+    cap = None
     if expert_budget is not None:
-        capacities.append(ExpertBudget.for_experts(expert_budget, sizes).capacity_bytes)
+        cap = ExpertBudget.for_experts(expert_budget, sizes).capacity_bytes
+        capacities.append(cap)
     if memory_budget is not None:
-        vision = bundle.manifest.vision
-        tokens = int(vision.get("image_size", 336) // vision.get("patch_size", 14)) ** 2 + 1
         memory = MemoryBudget.parse(
             memory_budget, trunk_bytes=int(baseline_rss), kv_cache_bytes=int(kv_cache_bytes),
-            activation_bytes=activation_bytes(bundle.manifest.model_config(), prompt_positions, tokens,
-                                              int(vision.get("hidden_size", 1024))),
+            activation_bytes=prefill_activation(bundle, prompt_positions),
             slack_bytes=FIXED_SLACK + int(fixed_bytes) + int(LOADS_IN_FLIGHT * largest * factor))
         resident = {k: int(v * factor) for k, v in sizes.items()}
         capacity = int(memory.expert_budget(resident).capacity_bytes / factor)
         capacities.append(max(capacity, largest))
-    return BudgetPlan(min(capacities) if capacities else None, total, largest, memory)
+    return BudgetPlan(min(capacities) if capacities else None, total, largest, memory,
+                      tuple(int(v * factor) for v in sizes.values()), factor, cap)

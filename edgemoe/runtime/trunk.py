@@ -30,6 +30,7 @@ from edgemoe.bundle import Bundle
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.image import ImageInput
 from edgemoe.model.safetensors_io import SafetensorsFile
+from edgemoe.page_cache import drop_cached
 from edgemoe.runtime.kv_cache import KVCache
 from edgemoe.runtime.sessions import RuntimeGraphError, one_line, session_options, trunk_session
 
@@ -91,6 +92,8 @@ class Trunk:
                     [load(f"layer{n}.attn") for n in range(cfg.num_layers)],
                     {n: load(f"layer{n}.mlp") for n in cfg.dense_layers}, shared, layout)
         trunk._check_cache_shape()
+        for entry in bundle.manifest.files:  # ORT holds its own copy now: keep none cached (footprint)
+            drop_cached(bundle.path_of(entry))
         return trunk
 
     def _check_cache_shape(self) -> None:
