@@ -5,7 +5,9 @@ intermediate process is needed for an honest ru_maxrss), polls the resident set 
 process tree with psutil every `interval_s` (20 ms) while it runs, and returns a `ChildRun`: exit
 code, wall time, `peak_rss_bytes` (the command's ru_maxrss from wait4: exact, the kernel's own
 high-water mark), `peak_rss_polled_bytes` (the largest sample: can miss a peak shorter than the
-interval, but sums a tree), its stdout and the tail of its stderr. `parse_json_output` finds the one
+interval, but sums a tree), with `watch_files` the peak footprint (that RSS plus the files' page
+cache the command does not map, sampled every FOOTPRINT_EVERY polls), its stdout and the tail of
+its stderr. `parse_json_output` finds the one
 JSON object a child printed (`edgemoe ask --json`), tolerating log lines before it. A child that
 outlives `timeout_s` is terminated (then killed) and reported with `timed_out`.
 """
@@ -29,6 +31,7 @@ from edgemoe.bench.errors import BenchError
 
 REAPER = Path(__file__).with_name("_reaper.py")
 POLL_S = 0.02
+FOOTPRINT_EVERY = 5  # a footprint sample reads smaps and mincores every watched file: ~0.1 s for 1,500 files
 STDERR_TAIL = 4000
 
 
@@ -45,6 +48,8 @@ class ChildRun:
     stdout: str
     stderr_tail: str
     timed_out: bool = False
+    peak_footprint_bytes: int | None = None  # RSS + watched files' unmapped page cache, sampled (None: not watched)
+    peak_file_cache_bytes: int | None = None  # the page-cache part at that peak
 
     @property
     def ok(self) -> bool:
@@ -73,10 +78,14 @@ def failure_line(stderr: str) -> str | None:
 
 
 class _RssPoller:
-    """Samples the summed RSS of a process's descendants (not the process itself) on a thread."""
+    """Samples the summed RSS of a process's descendants (not the process itself) on a thread, and,
+    when `files` are given, the footprint every `FOOTPRINT_EVERY` samples: that RSS plus the files'
+    page-cache bytes the command (the first descendant) does not map (`offload.footprint`)."""
 
-    def __init__(self, pid: int, interval_s: float) -> None:
+    def __init__(self, pid: int, interval_s: float, files: Sequence[Path] | None = None) -> None:
         self.interval_s, self.peak, self.samples = interval_s, 0, 0
+        self.files = list(files) if files else None
+        self.peak_footprint: tuple[int, int] | None = None  # (footprint, its page-cache part)
         self._root = psutil.Process(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="edgemoe-bench-rss", daemon=True)
@@ -94,6 +103,15 @@ class _RssPoller:
                 pass  # exited between listing and reading
         if children:
             self.peak, self.samples = max(self.peak, total), self.samples + 1
+            if self.files and self.samples % FOOTPRINT_EVERY == 1:
+                self._footprint(children[0].pid, total)
+
+    def _footprint(self, pid: int, rss: int) -> None:
+        from edgemoe.offload.footprint import measure_footprint
+
+        now = measure_footprint(pid, self.files)
+        if now is not None and (self.peak_footprint is None or rss + now.file_cache_bytes > self.peak_footprint[0]):
+            self.peak_footprint = (rss + now.file_cache_bytes, now.file_cache_bytes)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -133,7 +151,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run_child(command: Sequence[str], timeout_s: float | None = None, interval_s: float = POLL_S,
-              env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> ChildRun:
+              env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
+              watch_files: Sequence[Path] | None = None) -> ChildRun:
     """Run `command` to completion in a fresh process, measuring its peak RSS (module docstring)."""
     command = tuple(str(c) for c in command)
     with tempfile.TemporaryDirectory(prefix="edgemoe-bench-") as tmp:
@@ -145,7 +164,7 @@ def run_child(command: Sequence[str], timeout_s: float | None = None, interval_s
         out: list[bytes] = []
         err: list[bytes] = []
         readers = [_reader(proc.stdout, out), _reader(proc.stderr, err)]
-        poller = _RssPoller(proc.pid, interval_s).start()
+        poller = _RssPoller(proc.pid, interval_s, watch_files).start()
         timed_out = False
         try:
             proc.wait(timeout_s)
@@ -163,8 +182,10 @@ def run_child(command: Sequence[str], timeout_s: float | None = None, interval_s
         reaped = json.loads(result_path.read_text()) if result_path.is_file() else {}
     stderr = (err[0] if err else b"").decode("utf-8", "replace")
     exit_code = reaped.get("exit_code", proc.returncode)
+    footprint, cached = poller.peak_footprint or (None, None)
     return ChildRun(command, int(exit_code), wall, reaped.get("ru_maxrss_bytes"), poller.peak, poller.samples,
-                    (out[0] if out else b"").decode("utf-8", "replace"), stderr[-STDERR_TAIL:], timed_out)
+                    (out[0] if out else b"").decode("utf-8", "replace"), stderr[-STDERR_TAIL:], timed_out,
+                    footprint, cached)
 
 
 def parse_json_output(stdout: str, what: str = "child") -> dict[str, Any]:

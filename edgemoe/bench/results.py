@@ -28,11 +28,11 @@ RESIDENT_PEER = "edgemoe-resident"  # the same bundle with every expert resident
 CURVE_FRACTIONS = (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
 _KNOWN = ("time_to_first_token_s", "decode_tokens_per_s", "cache_hits", "cache_misses", "prediction_precision",
           "prediction_recall", "bytes_paged", "decode_bytes_paged", "prompt_tokens", "load_s", "peak_rss_bytes",
-          "expert_budget_bytes")
+          "expert_budget_bytes", "decode_disk_read_bytes")
 
 
 _INTS = ("cache_hits", "cache_misses", "bytes_paged", "decode_bytes_paged", "prompt_tokens", "peak_rss_bytes",
-         "expert_budget_bytes")
+         "expert_budget_bytes", "decode_disk_read_bytes")
 
 
 def _num(key: str, value: Any) -> Any:
@@ -58,6 +58,7 @@ class RunStats:
     prompt_tokens: int | None = None  # spliced prompt length (image tokens included)
     load_s: float | None = None
     peak_rss_inside_bytes: int | None = None  # the child's own sampled peak
+    decode_disk_read_bytes: int | None = None  # read from storage after the first token (/proc/self/io)
     expert_budget_bytes: int | None = None  # as the runtime resolved it
     extra: tuple[tuple[str, Any], ...] = ()  # the child's other scalar stats, for the record
 
@@ -94,6 +95,8 @@ class BenchRun:
     stats: RunStats = RunStats()
     peak_rss_bytes: int | None = None  # ru_maxrss of the child (wait4): exact
     peak_rss_polled_bytes: int | None = None  # psutil samples every 20 ms: may miss a short peak
+    peak_footprint_bytes: int | None = None  # RSS + the model files' page cache it keeps, sampled from outside
+    peak_file_cache_bytes: int | None = None  # the page-cache part of that peak
     wall_s: float = 0.0
     bound: DecodeBound | None = None
     error: str | None = None  # one line when the child failed

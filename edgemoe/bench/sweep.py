@@ -36,6 +36,7 @@ from edgemoe.bench.results import EDGEMOE, BenchReport, BenchRun, RunStats
 from edgemoe.bundle import Bundle
 from edgemoe.bundle.entries import MANIFEST_NAME
 from edgemoe.errors import EdgeMoEError
+from edgemoe.offload.footprint import model_files
 from edgemoe.offload.policies import DEFAULT_POLICY, POLICIES
 from edgemoe.runtime.providers import EXPERT_STORES
 
@@ -182,7 +183,8 @@ def run_from_child(engine: str, child: ChildRun, *, policy: str | None, expert: 
     base = BenchRun(engine=engine, policy=policy, expert_budget=None if expert is None else expert.text,
                     memory_budget=None if memory is None else memory.text, budget_bytes=budget_bytes,
                     tokens_requested=tokens, command=child.command, peak_rss_bytes=child.peak_rss_bytes,
-                    peak_rss_polled_bytes=child.peak_rss_polled_bytes, wall_s=child.wall_s)
+                    peak_rss_polled_bytes=child.peak_rss_polled_bytes, wall_s=child.wall_s,
+                    peak_footprint_bytes=child.peak_footprint_bytes, peak_file_cache_bytes=child.peak_file_cache_bytes)
     if not child.ok:
         return replace(base, error=child.failure())
     try:
@@ -200,7 +202,8 @@ def run_edgemoe(ctx: SweepContext, expert: Budget | None, memory: Budget | None,
     """One `edgemoe ask` in a fresh process, cold if asked, set against its bound."""
     if ctx.options.cold:
         evict_pages(ctx.bundle_files())
-    child = run_child(ask_command(ctx, expert, memory, policy, store), timeout_s=ctx.options.timeout_s)
+    child = run_child(ask_command(ctx, expert, memory, policy, store), timeout_s=ctx.options.timeout_s,
+                      watch_files=model_files(ctx.bundle.root))
     budget_bytes = None if expert is None else expert.bytes_of(ctx.expert_bytes_total)
     run = run_from_child(EDGEMOE, child, policy=policy, expert=expert, memory=memory, budget_bytes=budget_bytes,
                          tokens=ctx.options.tokens)

@@ -48,14 +48,16 @@ def header_lines(report: BenchReport) -> list[str]:
 
 
 def runs_table(runs: tuple[BenchRun, ...], title: str) -> Table:
-    """One row per run; RSS is ru_maxrss with the 20 ms polled peak in brackets."""
+    """One row per run; RSS is ru_maxrss, footprint the sampled peak of RSS plus the model files' page
+    cache the run keeps, disk the bytes read from storage per decoded token."""
     t = Table(title=title)
     t.add_column("run", no_wrap=True)
-    for col in ("TTFT s", "tok/s", "hit", "pred P/R", "MB paged/tok", "RSS GB (polled)", "limit tok/s", "of limit"):
+    for col in ("TTFT s", "tok/s", "hit", "pred P/R", "MB paged/tok", "disk MB/tok", "RSS GB", "footprint GB",
+                "limit tok/s", "of limit"):
         t.add_column(col, justify="right")
     for r in runs:
         if not r.ok:
-            t.add_row(r.label, "[red]failed[/]", *[""] * 7)
+            t.add_row(r.label, "[red]failed[/]", *[""] * 9)
             continue
         s = r.stats
         pr = ("-" if s.prediction_precision is None and s.prediction_recall is None else
@@ -63,9 +65,11 @@ def runs_table(runs: tuple[BenchRun, ...], title: str) -> Table:
         paged = _f(r.bytes_paged_per_token, "{:.1f}", 1e6)
         if r.paged_scope == "total" and r.bytes_paged_per_token is not None:
             paged += "*"
-        rss = f"{_f(r.peak_rss_bytes, scale=1e9)} ({_f(r.peak_rss_polled_bytes, scale=1e9)})"
+        disk = (None if s.decode_disk_read_bytes is None or not r.decoded_tokens
+                else s.decode_disk_read_bytes / r.decoded_tokens)
         t.add_row(r.label, _n(s.time_to_first_token_s), _n(s.decode_tokens_per_s), _pct(r.hit_rate), pr, paged,
-                  rss, _n(None if r.bound is None else r.bound.tokens_per_s), _pct(r.fraction_of_bound))
+                  _f(disk, "{:.1f}", 1e6), _f(r.peak_rss_bytes, scale=1e9), _f(r.peak_footprint_bytes, scale=1e9),
+                  _n(None if r.bound is None else r.bound.tokens_per_s), _pct(r.fraction_of_bound))
     return t
 
 

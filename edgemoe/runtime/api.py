@@ -295,7 +295,8 @@ class ChatSession:
         info = engine.last_prefill
         now = CounterSnapshot.take(self.provider, engine.moe.predictions)
         delta = now - before
-        decode_paged = (now - clock.at_first).counters.bytes_paged if clock.at_first else 0
+        decode = (now - clock.at_first) if clock.at_first else None
+        decode_paged = decode.counters.bytes_paged if decode else 0
         first = clock.first or time.monotonic()
         decode_s = (clock.last or first) - first
         budget = self.budget
@@ -313,7 +314,8 @@ class ChatSession:
             policy=self.options.policy if budget and budget.offloading else "resident",
             expert_store=store_kind(getattr(self.provider, "store", self.provider)),
             expert_cache_fraction=budget.expert_bytes / budget.all_expert_bytes
-            if budget and budget.offloading else None)
+            if budget and budget.offloading else None,
+            disk_read_bytes=delta.disk_read, decode_disk_read_bytes=decode.disk_read if decode else None)
 
     # -- lifetime ---------------------------------------------------------------------------------
 

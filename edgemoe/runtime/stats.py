@@ -49,6 +49,8 @@ class GenerationStats:
     policy: str
     expert_store: str = "sessions"  # how experts were paged: mapped | sessions
     expert_cache_fraction: float | None = None  # the expert cache's share of all expert bytes (None: all)
+    disk_read_bytes: int | None = None  # bytes this process read from storage during the request (/proc/self/io)
+    decode_disk_read_bytes: int | None = None  # those read after the first token
 
     @property
     def hit_rate(self) -> float | None:
@@ -106,16 +108,31 @@ class CounterSnapshot:
     predicted: int
     needed: int
     correct: int
+    disk_read: int | None = None  # /proc/self/io read_bytes: what really came from storage
 
     @classmethod
     def take(cls, provider: Any, predictions: Any) -> "CounterSnapshot":
         """`predictions`: the MoE layer's prediction record (anything with `summary()`)."""
         p = predictions.summary()
-        return cls(provider_counters(provider), p.predicted, p.needed, p.correct)
+        return cls(provider_counters(provider), p.predicted, p.needed, p.correct, storage_read_bytes())
 
     def __sub__(self, other: "CounterSnapshot") -> "CounterSnapshot":
+        disk = None if self.disk_read is None or other.disk_read is None else self.disk_read - other.disk_read
         return CounterSnapshot(self.counters - other.counters, self.predicted - other.predicted,
-                               self.needed - other.needed, self.correct - other.correct)
+                               self.needed - other.needed, self.correct - other.correct, disk)
+
+
+def storage_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (read_bytes in /proc/self/io: page
+    faults, readahead and MADV_POPULATE_READ included; page-cache hits excluded), or None off Linux."""
+    try:
+        with open("/proc/self/io", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def ratio(num: int, den: int) -> float | None:
