@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from edgemoe.bench.errors import BenchError
-import typer
 
 from edgemoe.bench.limits import token_bytes
 from edgemoe.bench.results import BenchReport
@@ -124,14 +123,6 @@ def test_cli_bad_budget_is_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: --expert-budgets item: cannot read size 'abc'")
 
 
-def _has_ask() -> bool:
-    from edgemoe.cli import app
-
-    return "ask" in typer.main.get_command(app).commands
-
-
-@pytest.mark.skipif(not _has_ask(), reason="`edgemoe ask` is not in edgemoe/cli.py yet (the runtime's CLI command, "
-                                           "on top of edgemoe.runtime.api, is still being written)")
 def test_tiny_end_to_end(tmp_path: Path) -> None:
     ckpt, bundle = tmp_path / "tiny", tmp_path / "bundle"
     for args in (("create-checkpoint", str(ckpt), "--size", "tiny"),

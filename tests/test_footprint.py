@@ -24,7 +24,7 @@ from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
 from edgemoe.offload.prepacked import PrepackedGraphs
 from edgemoe.page_cache import PAGE, cached_bytes, drop_cached, sync_and_drop
 from offload_fakes import write_expert_bundle
-from test_runtime_fixtures import edgemoe_cli, tiny  # noqa: F401 (fixture)
+from test_runtime_fixtures import tiny  # noqa: F401 (fixture)
 
 
 def _page_cache_is_droppable(directory: Path) -> bool:

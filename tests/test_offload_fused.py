@@ -14,7 +14,7 @@ from edgemoe.offload.fused import FusedExperts, layer_key
 from edgemoe.offload.prepacked import PrepackedGraphs
 from edgemoe.offload.sessions import session_factory
 from edgemoe.runtime import ask
-from test_runtime_fixtures import edgemoe_cli, run_engine, tiny  # noqa: F401
+from test_runtime_fixtures import edgemoe_cli, tiny  # noqa: F401 (fixture)
 
 FAMILY = "deepseek-vl2-tiny"
 

@@ -5,15 +5,13 @@ prefill included) and one router; the rest of the stages are plain Linear/Conv/L
 from __future__ import annotations
 
 import numpy as np
-import pytest
+import onnxruntime as ort
+import onnxscript  # noqa: F401 (torch.onnx's exporter needs it: a missing one must fail, not skip)
 import torch
 
 from edgemoe.reference.decoder import AttentionStage, RouterStage
 from edgemoe.reference.model import ReferenceModel
 from edgemoe.reference.tiny import random_tensors, tiny_config
-
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
 
 
 def test_attention_and_router_stages_export(tmp_path):

@@ -24,7 +24,7 @@ from edgemoe.model.towers import CLIP_MEAN, CLIP_STD, ImageProcessorConfig, writ
 from edgemoe.reference.model import ReferenceModel
 from edgemoe.reference.tiny import random_tensors, tiny_raw_config, tiny_tower
 
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+import safetensors.numpy as safetensors_numpy  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -105,5 +105,6 @@ def test_splice_rejects_marker_image_mismatch(model):
 
 
 def test_marker_id_agrees_with_prompt_module():
-    prompt = pytest.importorskip("edgemoe.model.prompt")
+    from edgemoe.model import prompt
+
     assert prompt.IMAGE_TOKEN_INDEX == IMAGE_TOKEN_INDEX == -200
