@@ -99,8 +99,8 @@ key = ExpertKey(1, 0)
 expert = store.load(key)
 expert.release()
 data = expert.residency.path
-with open(data, "r+b") as f:  # the disk loses the file's second half (an injected read error)
-    f.truncate(data.stat().st_size // 2)
+with open(data, "r+b") as f:  # the disk loses the file's second half (an injected read error); page-aligned,
+    f.truncate(data.stat().st_size // 2 // 4096 * 4096)  # so no partial page is left dirty in the cache
 provider = OffloadingProvider.from_bundle(store.bundle, 10 * store.size_of(key), "lru", store=store)
 try:
     list(provider.experts(1, [0]))

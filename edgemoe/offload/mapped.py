@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MADV_WILLNEED, MADV_DONTNEED, MADV_POPULATE_READ = 3, 4, 22  # Linux asm-generic/mman-common.h
+MADV_RANDOM, MADV_WILLNEED, MADV_DONTNEED, MADV_POPULATE_READ = 1, 3, 4, 22  # Linux asm-generic/mman-common.h
 # One expert session's private memory is measured, not assumed (measured 174 KiB for DeepSeek-VL2-Tiny's
 # 1.8 MB int4 experts, about 0.5 MB for StableLM's 18 MB ones): sample the largest experts, add a margin.
 OVERHEAD_SAMPLE = 8
@@ -137,14 +137,35 @@ class PageResidency:
             if not self._populate():
                 self._read()
         except OSError:
+            self._drain()
             self.page_out()
             raise
         drop_cached(self.path, self._unmapped())  # readahead past the mapped ranges
+
+    def no_readaround(self) -> None:
+        """MADV_RANDOM on the mappings: a fault reads its page, not the device's readahead window
+        around it (8 MB on the benchmark machine), which would pull the file's other bytes (the
+        original weights, another blob) into the page cache, where they count in the footprint and
+        cost disk time. `page_in` reads the ranges exactly instead."""
+        libc = _madvise_fn()
+        for start, length, _ in self.ranges:
+            libc.madvise(start, length, MADV_RANDOM)
+
+    def _read_exactly(self) -> None:
+        """Start reading exactly the mapped ranges into the page cache (POSIX_FADV_WILLNEED, which
+        marks no page for further async readahead); the populate that follows waits for them."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for _, length, offset in self.ranges:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
     def _populate(self) -> bool:
         """MADV_POPULATE_READ every range; False where the kernel lacks it."""
         if not POPULATE_READ:
             return False
+        self._read_exactly()
         libc = _madvise_fn()
         for start, length, _ in self.ranges:
             if libc.madvise(start, length, MADV_POPULATE_READ) == 0:
@@ -170,6 +191,23 @@ class PageResidency:
                     if got == 0:
                         raise OSError(errno.EIO, f"cannot page in {self.path.name}: short read")
                     pos += got
+
+    def _drain(self) -> None:
+        """Wait out reads still in flight for the ranges (a pread waits on a page under I/O), so that a
+        drop afterwards leaves nothing of a failed page-in behind; errors are expected here."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            for _, length, offset in self.ranges:
+                for at in range(offset, offset + length, READ_CHUNK):
+                    try:
+                        os.pread(fd, min(READ_CHUNK, offset + length - at), at)
+                    except OSError:
+                        continue
+        finally:
+            os.close(fd)
 
     def page_out(self) -> None:
         libc = _madvise_fn()
@@ -316,6 +354,7 @@ class MappedExpertStore:
         except Exception as exc:
             raise ExpertLoadError(key, f"ONNX Runtime cannot open {path.name}: {one_line(exc)}") from exc
         residency = PageResidency(data_file(path), find_mappings(data_file(path)))
+        residency.no_readaround()
         # ORT read the whole graph and data file (original weights too) to build the session; keep
         # none of it cached beyond the mapped pages it faulted in (footprint, module docstring).
         drop_cached(path)
