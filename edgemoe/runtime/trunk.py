@@ -1,6 +1,7 @@
 """The resident part of the model: one ORT session per trunk graph of a bundle, and how to call each.
 
-Contract: `Trunk.open(bundle)` opens every non-expert graph the manifest lists (vision, projector,
+Contract: `Trunk.open(bundle)` opens every non-expert graph the manifest lists (the embedding table is
+read in place from embed.onnx where it is a plain fp16/fp32 table: `runtime.embedding`) (vision, projector,
 embed, head, `layer{N}.attn` for every layer, `layer{N}.mlp` for the dense ones) and checks the
 attention graphs' cache shape against the model config. The methods are the graph contracts of
 `edgemoe.export.trunk_graphs`, in numpy:
@@ -31,6 +32,7 @@ from edgemoe.model.config import ModelConfig
 from edgemoe.model.image import ImageInput
 from edgemoe.model.safetensors_io import SafetensorsFile
 from edgemoe.page_cache import drop_cached
+from edgemoe.runtime.embedding import MappedEmbedding
 from edgemoe.runtime.kv_cache import KVCache
 from edgemoe.runtime.sessions import RuntimeGraphError, one_line, session_options, trunk_session
 
@@ -66,12 +68,13 @@ class Trunk:
     config: ModelConfig
     vision: ort.InferenceSession
     projector: ort.InferenceSession
-    embed_session: ort.InferenceSession
+    embed_session: ort.InferenceSession | None  # None: the table is read in place (`embedding`)
     head_session: ort.InferenceSession
     attn: list[ort.InferenceSession]
     mlp: dict[int, ort.InferenceSession]
     shared: dict[int, ort.InferenceSession] = field(default_factory=dict)  # always-on shared experts
     layout: dict[str, np.ndarray] = field(default_factory=dict)  # tiled images: image_newline, view_separator
+    embedding: MappedEmbedding | None = None  # the embed graph's table, mapped from the bundle
 
     @classmethod
     def open(cls, bundle: Bundle, progress: Callable[[str], None] | None = None) -> "Trunk":
@@ -81,18 +84,22 @@ class Trunk:
         def load(name: str) -> ort.InferenceSession:
             if progress is not None:
                 progress(name)
-            return trunk_session(bundle.graph_path(name), so)
+            session = trunk_session(bundle.graph_path(name), so)
+            for entry in bundle.manifest.files_of(bundle.manifest.graph(name)):  # ORT holds its own copy now:
+                drop_cached(bundle.path_of(entry))  # one file at a time in the page cache (footprint)
+            return session
 
         shared = {n: load(f"layer{n}.shared") for n in cfg.moe.layers} if cfg.moe.shared_intermediate else {}
         layout = {}
         if any(e.path == LAYOUT_FILE for e in bundle.manifest.by_role("image_layout")):
             f = SafetensorsFile(bundle.path_of(LAYOUT_FILE))
             layout = {name: f.tensor(name) for name in f.infos}
-        trunk = cls(cfg, load("vision"), load("projector"), load("embed"), load("head"),
+        embedding = MappedEmbedding.open(bundle.graph_path("embed"))
+        trunk = cls(cfg, load("vision"), load("projector"), None if embedding else load("embed"), load("head"),
                     [load(f"layer{n}.attn") for n in range(cfg.num_layers)],
-                    {n: load(f"layer{n}.mlp") for n in cfg.dense_layers}, shared, layout)
+                    {n: load(f"layer{n}.mlp") for n in cfg.dense_layers}, shared, layout, embedding)
         trunk._check_cache_shape()
-        for entry in bundle.manifest.files:  # ORT holds its own copy now: keep none cached (footprint)
+        for entry in bundle.manifest.files:  # and nothing else of the bundle stays cached (layout, ...)
             drop_cached(bundle.path_of(entry))
         return trunk
 
@@ -118,6 +125,8 @@ class Trunk:
     # -- graphs -----------------------------------------------------------------------------------
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
+        if self.embedding is not None:  # the rows read in place (runtime.embedding)
+            return self.embedding.rows(ids)  # [S, H]
         return _run(self.embed_session, "embed", {"ids": np.asarray(ids, np.int64)})[0]  # [S, H]
 
     def encode_image(self, image: ImageInput) -> np.ndarray:
