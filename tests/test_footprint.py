@@ -177,3 +177,23 @@ def test_a_chat_that_outgrows_its_budget_is_refused_naming_the_minimum(tiny) -> 
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: memory budget") and "the minimum budget is" in last
     assert "Traceback" not in run.stderr
+
+
+def test_the_vision_tower_leaves_between_images_and_answers_do_not_change(tiny, tmp_path) -> None:
+    from PIL import Image
+
+    from edgemoe.runtime import ChatSession, GenerationOptions
+
+    second = tmp_path / "second.png"
+    Image.new("RGB", (50, 40), (200, 100, 0)).save(second)
+    bundle = tiny.bundle("deepseek-vl2-tiny", "int4")
+    answers = {}
+    for budget in (None, "4GB"):
+        with ChatSession(bundle, tiny.image, GenerationOptions(max_tokens=5, memory_budget=budget)) as chat:
+            first = chat.ask("What is in the image?")
+            assert chat.trunk.vision_resident is (budget is None)  # released under a memory budget
+            chat.add_image(second)
+            later = chat.ask("And in this one?")
+            assert chat.trunk.vision_resident is (budget is None)
+            answers[budget] = (first.token_ids, later.token_ids)
+    assert answers[None] == answers["4GB"]

@@ -33,7 +33,8 @@ from edgemoe.model.image import ImageSource, image_key, prepare_image
 from edgemoe.model.prompt import Conversation
 from edgemoe.model.tokenizer import Tokenizer, load_tokenizer
 from edgemoe.offload.policies import DEFAULT_POLICY
-from edgemoe.runtime.budget import BudgetPlan, plan_budget, prefill_activation
+from edgemoe.runtime.budget import BudgetPlan, plan_budget
+from edgemoe.runtime.live_budget import LiveBudget, close_vision
 from edgemoe.runtime.detokenize import TextStream
 from edgemoe.runtime.engine import Engine, splice_positions
 from edgemoe.runtime.moe import MoELayer
@@ -99,6 +100,8 @@ class ChatSession:
         self.provider: Any = None
         self.budget: BudgetPlan | None = None
         self._features: dict[tuple[Any, ...], np.ndarray] = {}  # image_key -> projected rows
+        self._vision_bytes = 0  # what closing the vision tower gave back (measured; under a memory budget)
+        self._live: LiveBudget | None = None  # the plan kept true as the conversation grows
         self._load_s = time.monotonic() - t0
 
     # -- the conversation -------------------------------------------------------------------------
@@ -177,7 +180,8 @@ class ChatSession:
             self.engine.forget()
         engine = self.engine
         limit = max_tokens or self.options.max_tokens
-        self._fit_context(engine, len(splice_positions(ids, self.image_tokens)), limit)
+        if self._live is not None:
+            self._live.fit_prompt(len(splice_positions(ids, self.image_tokens)), limit)
         before = CounterSnapshot.take(self.provider, engine.moe.predictions)
         with RssSampler() as rss:
             return self._generate(engine, ids, limit, _Emitter(on_text, on_token),
@@ -198,10 +202,18 @@ class ChatSession:
         aspect = manifest.processor.get("image_aspect_ratio", self.config.image_aspect_ratio)
         tiled = len(self.images) <= 2  # upstream tiles one or two images, more go in as one view each
         keys = [(image_key(source), tiled) for source in self.images]
-        for key, source in zip(keys, self.images):
-            if key not in self._features:
+        missing = [(key, source) for key, source in zip(keys, self.images) if key not in self._features]
+        if missing:
+            if self._live is not None and not self.trunk.vision_resident:
+                self._live.vision_reopening()
+            for key, source in missing:
                 self._features[key] = self.trunk.encode_image(prepare_image(
                     source, manifest.processor_config(), aspect, self.config.candidate_resolutions, tiled))
+            if self.memory_budget is not None:  # the tower leaves the process until the next image
+                self._vision_bytes = max(self._vision_bytes, close_vision(self.trunk))
+                if self._live is not None:
+                    self._live.vision_bytes = self._vision_bytes
+                    self._live.vision_closed()
         self._features = {key: self._features[key] for key in keys}  # forget images no longer asked about
         return [self._features[key] for key in keys]
 
@@ -268,27 +280,10 @@ class ChatSession:
                                   baseline_rss=psutil.Process().memory_info().rss,
                                   kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
                                   sizes=resident_sizes(store), fixed_bytes=getattr(store, "session_overhead_bytes", 0))
-        return make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store)
-
-    def _fit_context(self, engine: Engine, positions: int, limit: int) -> None:
-        """Under a memory budget, the expert cache shrinks (or grows back) to what this prompt and its
-        answer leave: the KV cache grown to hold them (while it is copied, old and new both count) and
-        the prefill's activations. A conversation that no longer fits is a one-line BudgetError
-        naming the minimum, before anything runs. Without a memory budget the KV cache just grows."""
-        plan = self.budget
-        if plan is None or plan.memory_budget is None or not hasattr(self.provider, "cache"):
-            return
-        need = min(positions + limit, engine.max_positions)
-        activation = prefill_activation(self.bundle, positions)
-        if need > engine.cache.capacity:
-            grown = need * (engine.cache.nbytes // engine.cache.capacity)
-            self._apply(plan.for_context(engine.cache.nbytes + grown, activation))
-            engine.reserve(need)
-        self._apply(self.budget.for_context(engine.cache.nbytes, activation))
-
-    def _apply(self, plan: BudgetPlan) -> None:
-        self.budget = plan
-        self.provider.cache.resize(plan.expert_bytes)
+        provider = make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store)
+        if self.budget.memory_budget is not None and hasattr(provider, "cache"):
+            self._live = LiveBudget(self.budget, self.bundle, provider.cache, engine, self.trunk, self._vision_bytes)
+        return provider
 
     def _stats(self, engine: Engine, t0: float, clock: Clock, n: int, rss: RssSampler,
                before: CounterSnapshot) -> GenerationStats:
@@ -299,7 +294,7 @@ class ChatSession:
         decode_paged = decode.counters.bytes_paged if decode else 0
         first = clock.first or time.monotonic()
         decode_s = (clock.last or first) - first
-        budget = self.budget
+        budget = self._live.plan if self._live is not None else self.budget
         return GenerationStats(
             prompt_tokens=info.prompt_tokens if info else 0, image_tokens=info.image_tokens if info else 0,
             prefill_tokens=info.computed if info else 0, new_tokens=n, load_s=self._load_s,

@@ -1,9 +1,10 @@
 """The resident part of the model: one ORT session per trunk graph of a bundle, and how to call each.
 
-Contract: `Trunk.open(bundle)` opens every non-expert graph the manifest lists (the embedding table is
-read in place from embed.onnx where it is a plain fp16/fp32 table: `runtime.embedding`) (vision, projector,
+Contract: `Trunk.open(bundle)` opens every non-expert graph the manifest lists (vision, projector,
 embed, head, `layer{N}.attn` for every layer, `layer{N}.mlp` for the dense ones) and checks the
-attention graphs' cache shape against the model config. The methods are the graph contracts of
+attention graphs' cache shape against the model config. The embedding table is read in place from
+embed.onnx where it is a plain fp16/fp32 table (`runtime.embedding`). `release_vision()` closes the
+vision tower's session, which runs once per image; `encode_image` reopens it when an image comes. The methods are the graph contracts of
 `edgemoe.export.trunk_graphs`, in numpy:
 
     embed(ids [S])                    -> [S, H]
@@ -66,7 +67,7 @@ class Trunk:
     """Sessions of the trunk graphs (see module docstring)."""
 
     config: ModelConfig
-    vision: ort.InferenceSession
+    vision: ort.InferenceSession | None  # None: released (`release_vision`), reopened by encode_image
     projector: ort.InferenceSession
     embed_session: ort.InferenceSession | None  # None: the table is read in place (`embedding`)
     head_session: ort.InferenceSession
@@ -75,6 +76,7 @@ class Trunk:
     shared: dict[int, ort.InferenceSession] = field(default_factory=dict)  # always-on shared experts
     layout: dict[str, np.ndarray] = field(default_factory=dict)  # tiled images: image_newline, view_separator
     embedding: MappedEmbedding | None = None  # the embed graph's table, mapped from the bundle
+    reopen_vision: Callable[[], ort.InferenceSession] | None = None
 
     @classmethod
     def open(cls, bundle: Bundle, progress: Callable[[str], None] | None = None) -> "Trunk":
@@ -98,6 +100,7 @@ class Trunk:
         trunk = cls(cfg, load("vision"), load("projector"), None if embedding else load("embed"), load("head"),
                     [load(f"layer{n}.attn") for n in range(cfg.num_layers)],
                     {n: load(f"layer{n}.mlp") for n in cfg.dense_layers}, shared, layout, embedding)
+        trunk.reopen_vision = lambda: load("vision")
         trunk._check_cache_shape()
         for entry in bundle.manifest.files:  # and nothing else of the bundle stays cached (layout, ...)
             drop_cached(bundle.path_of(entry))
@@ -114,9 +117,21 @@ class Trunk:
                 raise RuntimeGraphError(f"graph layer{n}.attn fixes the cache length at {shape[2]}; "
                                        "this runtime sizes it per request (re-export the bundle)")
 
+    def release_vision(self) -> None:
+        """Close the vision tower's session until the next image (its weights leave the process)."""
+        if self.reopen_vision is not None:
+            self.vision = None
+
     @property
-    def image_size(self) -> int:
-        return int(self.vision.get_inputs()[0].shape[-1])
+    def vision_resident(self) -> bool:
+        return self.vision is not None
+
+    def _vision(self) -> ort.InferenceSession:
+        if self.vision is None:
+            if self.reopen_vision is None:
+                raise RuntimeGraphError("the vision tower was released and cannot be reopened")
+            self.vision = self.reopen_vision()
+        return self.vision
 
     def new_cache(self, capacity: int) -> KVCache:
         cfg = self.config
@@ -132,7 +147,7 @@ class Trunk:
     def encode_image(self, image: ImageInput) -> np.ndarray:
         """One image -> its prompt rows [N, H]: the tower's features, projected; tiles laid out in 2D
         (global grid, view separator, local grid, image_newline after each row) as upstream does."""
-        feats = _run(self.vision, "vision", {"pixel_values": np.ascontiguousarray(image.pixels, np.float32)})[0]
+        feats = _run(self._vision(), "vision", {"pixel_values": np.ascontiguousarray(image.pixels, np.float32)})[0]
         embeds = _run(self.projector, "projector", {"features": feats})[0]
         if image.grid is None:
             return embeds
