@@ -188,6 +188,12 @@ class ExpertCache:
         self._dispose(evicted)
         return True
 
+    def clear(self) -> None:
+        """Release every unpinned expert (closing time: not counted as evictions)."""
+        with self._lock:
+            released = [self._remove(key) for key in [k for k in self._runners if not self._pins[k]]]
+        self._dispose(released)
+
     # --- internals (called with the lock held) -------------------------------------------------
 
     def _check_size(self, key: ExpertKey, nbytes: int) -> None:

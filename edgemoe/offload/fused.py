@@ -124,8 +124,10 @@ class FusedExperts:
         keys = {n: layer_key(bundle, n) for n in self.layers}
         missing = [n for n in self.layers if not graphs.exists(keys[n])]
         self._sessions: dict[int, Any] = {}
+        self._paths: list[Path] = []
         for n in self.layers:
             path = self._prepare(bundle, graphs, n, keys[n])
+            self._paths.append(path)
             if n in missing and progress is not None:
                 progress(missing.index(n) + 1, len(missing))
             try:
@@ -169,3 +171,6 @@ class FusedExperts:
 
     def close(self) -> None:
         self._sessions.clear()
+        for path in self._paths:  # the mapped packed weights stay cached otherwise (footprint)
+            drop_cached(path)
+            drop_cached(data_file(path))

@@ -371,9 +371,13 @@ class MappedExpertStore:
         return self._counter.stats()
 
     def close(self) -> None:
-        """Drop every session (and its mappings)."""
+        """Drop every session (and its mappings), then the pages they mapped from the page cache: a
+        process tearing down must not leave its experts cached (the footprint holds until the end)."""
         with self._lock:
+            files = [e.residency.path for e in self._experts.values()]
             self._experts.clear()
+        for path in files:
+            drop_cached(path)
 
     @property
     def sessions(self) -> int:

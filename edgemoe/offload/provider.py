@@ -230,6 +230,8 @@ class OffloadingProvider:
     def close(self) -> None:
         self.prefetcher.close()
         self._drop_guard()
+        self.cache.clear()  # the experts (and their sessions) go before the store closes: it then drops
+        # their pages from the page cache
         _close_store(self.store)
         cache = self.cache.stats()
         log.debug("offloading provider closed: %d hits, %d misses, %d evictions, peak %d of %d bytes",
