@@ -31,6 +31,7 @@ import numpy as np
 
 from edgemoe.bench.errors import BenchError
 from edgemoe.bundle import Manifest
+from edgemoe.page_cache import sync_and_drop
 
 TRUNK_ROLES = ("attention", "dense_mlp", "head", "router")  # read whole by every decoded token
 CHUNK = 8 << 20
@@ -93,21 +94,9 @@ def evict_pages(paths: Iterable[Path]) -> int:
     """Drop the page cache of each file (written back first); bytes advised. Linux; a no-op elsewhere."""
     if not hasattr(os, "posix_fadvise"):
         return 0
-    total = 0
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)  # dirty pages are not dropped: write them back first
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            total += os.fstat(fd).st_size
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return total
+    existing = [p for p in paths if os.path.isfile(p)]
+    sync_and_drop(existing)
+    return sum(os.path.getsize(p) for p in existing)
 
 
 def _read_all(paths: Sequence[Path], limit: int, buf: bytearray) -> int:
