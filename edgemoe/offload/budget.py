@@ -139,9 +139,11 @@ class MemoryBudget:
     kv_cache_bytes: int = 0
     activation_bytes: int = 0  # peak activations (an image prefill is the largest)
     slack_bytes: int = 0  # allocator and runtime overhead measured above the sum of the parts
+    startup_peak_bytes: int = 0  # the RSS high-water mark of start-up (loading, the first image's vision pass)
 
     def __post_init__(self) -> None:
-        for name in ("total_bytes", "trunk_bytes", "kv_cache_bytes", "activation_bytes", "slack_bytes"):
+        for name in ("total_bytes", "trunk_bytes", "kv_cache_bytes", "activation_bytes", "slack_bytes",
+                     "startup_peak_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BudgetError(f"{name} must be a non-negative number of bytes, got {value!r}")
@@ -162,8 +164,14 @@ class MemoryBudget:
         """The expert cache capacity this budget leaves; BudgetError naming the minimum if none."""
         largest, total = _sizes(expert_sizes)
         available = self.total_bytes - self.baseline_bytes
+        if self.startup_peak_bytes > self.total_bytes and available >= largest:
+            minimum = self.startup_peak_bytes
+            raise BudgetError(
+                f"memory budget {format_bytes(self.total_bytes)} cannot run this model: start-up (loading it "
+                f"and encoding the image) peaked at {format_bytes(minimum)} before any expert was loaded; "
+                f"the minimum budget is {minimum} bytes ({format_bytes(minimum)})")
         if available < largest:
-            minimum = self.baseline_bytes + largest
+            minimum = max(self.baseline_bytes + largest, self.startup_peak_bytes)
             raise BudgetError(
                 f"memory budget {format_bytes(self.total_bytes)} cannot run this model: the baseline takes "
                 f"{format_bytes(self.baseline_bytes)} (trunk {format_bytes(self.trunk_bytes)}, KV cache "

@@ -44,7 +44,7 @@ from edgemoe.runtime.routing import Routers
 from edgemoe.runtime.sampling import Sampler
 from edgemoe.runtime.sessions import configure_process
 from edgemoe.runtime.stats import (Clock, CounterSnapshot, GenerationResult, GenerationStats, RssSampler,
-                                   max_rss_bytes, ratio)
+                                   max_rss_bytes, ratio, rss_high_water)
 from edgemoe.runtime.transcript import read_transcript, write_transcript
 from edgemoe.runtime.trunk import Trunk
 
@@ -92,7 +92,9 @@ class ChatSession:
         self.stop_ids = () if eos is None else (int(eos),)
         self.conversation = self.new_conversation()
         self._check_image_count(len(self.images))
-        self.trunk = Trunk.open(self.bundle)
+        # Under a memory budget the first image is encoded before the language model loads (start-up
+        # then peaks at the larger of the two, not their sum).
+        self.trunk = Trunk.open(self.bundle, language_model=self.memory_budget is None)
         self.routers = Routers.load(self.bundle.path_of("routers.safetensors"), self.config.moe.layers,
                                     self.config.moe.routing)
         self.sampler = options.sampler()
@@ -257,6 +259,7 @@ class ChatSession:
         # then counts in the baseline instead of surprising the memory budget later.
         self.image_features()
         t0 = time.monotonic()
+        self.trunk.load_language_model()
         opts = self.options
         capacity = self._context_tokens or prompt_positions + self._reserve_turns * opts.max_tokens
         moe = MoELayer(self.routers, _NoProvider(), self.config.moe.layers, self.config.moe.top_k,
@@ -279,7 +282,8 @@ class ChatSession:
         self.budget = plan_budget(self.bundle, self.memory_budget, opts.expert_budget,
                                   baseline_rss=psutil.Process().memory_info().rss,
                                   kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
-                                  sizes=resident_sizes(store), fixed_bytes=getattr(store, "session_overhead_bytes", 0))
+                                  sizes=resident_sizes(store), fixed_bytes=getattr(store, "session_overhead_bytes", 0),
+                                  startup_peak=rss_high_water())
         provider = make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store)
         if self.budget.memory_budget is not None and hasattr(provider, "cache"):
             self._live = LiveBudget(self.budget, self.bundle, provider.cache, engine, self.trunk, self._vision_bytes)

@@ -5,7 +5,9 @@ Contract: `plan_budget(bundle, memory_budget, expert_budget, ...)` returns a `Bu
 
   --expert-budget SIZE|PCT   bounds the expert cache alone; a percentage is of all expert bytes
                              (`edgemoe.offload.budget.ExpertBudget.for_experts`).
-  --memory-budget SIZE       bounds the whole process's RSS. The caller measures RSS once the trunk
+  --memory-budget SIZE       bounds the whole process's footprint. A budget below what start-up
+                             already took (`startup_peak`: loading, the first image's vision pass) is
+                             refused naming that peak as the minimum. The caller measures RSS once the trunk
                              sessions are open, the KV cache is allocated and a warm-up token has run
                              (`baseline_rss`); the experts get what is left after that baseline, the
                              KV cache's untouched pages (np.zeros is lazily backed, so RSS does not yet
@@ -116,7 +118,7 @@ def prefill_activation(bundle: Bundle, positions: int) -> int:
 
 def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: str | int | None, *,
                 baseline_rss: int = 0, kv_cache_bytes: int = 0, prompt_positions: int = 0,
-                sizes: dict | None = None, fixed_bytes: int = 0) -> BudgetPlan:
+                sizes: dict | None = None, fixed_bytes: int = 0, startup_peak: int = 0) -> BudgetPlan:
     """The expert cache capacity for these budgets (module docstring)."""
     factor = 1.0 if sizes is not None else session_factor(bundle)
     sizes = sizes if sizes is not None else expert_sizes(bundle)
@@ -131,7 +133,8 @@ def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: 
         memory = MemoryBudget.parse(
             memory_budget, trunk_bytes=int(baseline_rss), kv_cache_bytes=int(kv_cache_bytes),
             activation_bytes=prefill_activation(bundle, prompt_positions),
-            slack_bytes=FIXED_SLACK + int(fixed_bytes) + int(LOADS_IN_FLIGHT * largest * factor))
+            slack_bytes=FIXED_SLACK + int(fixed_bytes) + int(LOADS_IN_FLIGHT * largest * factor),
+            startup_peak_bytes=int(startup_peak))
         resident = {k: int(v * factor) for k, v in sizes.items()}
         capacity = int(memory.expert_budget(resident).capacity_bytes / factor)
         capacities.append(max(capacity, largest))

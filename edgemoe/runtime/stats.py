@@ -122,6 +122,20 @@ class CounterSnapshot:
                                self.needed - other.needed, self.correct - other.correct, disk)
 
 
+def rss_high_water() -> int:
+    """This process's peak RSS since its program started (VmHWM in /proc/self/status). Unlike
+    getrusage's ru_maxrss, which carries the parent's RSS across fork + exec (a child of a large
+    process reports the parent's peak), VmHWM belongs to this program's own address space. 0 off Linux."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
 def storage_read_bytes() -> int | None:
     """Bytes this process has caused to be read from storage (read_bytes in /proc/self/io: page
     faults, readahead and MADV_POPULATE_READ included; page-cache hits excluded), or None off Linux."""

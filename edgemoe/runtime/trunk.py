@@ -70,16 +70,22 @@ class Trunk:
     vision: ort.InferenceSession | None  # None: released (`release_vision`), reopened by encode_image
     projector: ort.InferenceSession
     embed_session: ort.InferenceSession | None  # None: the table is read in place (`embedding`)
-    head_session: ort.InferenceSession
+    head_session: ort.InferenceSession | None  # None: the language model is not loaded yet
     attn: list[ort.InferenceSession]
     mlp: dict[int, ort.InferenceSession]
     shared: dict[int, ort.InferenceSession] = field(default_factory=dict)  # always-on shared experts
     layout: dict[str, np.ndarray] = field(default_factory=dict)  # tiled images: image_newline, view_separator
     embedding: MappedEmbedding | None = None  # the embed graph's table, mapped from the bundle
     reopen_vision: Callable[[], ort.InferenceSession] | None = None
+    _load: Callable[[], None] | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, bundle: Bundle, progress: Callable[[str], None] | None = None) -> "Trunk":
+    def open(cls, bundle: Bundle, progress: Callable[[str], None] | None = None,
+             language_model: bool = True) -> "Trunk":
+        """The trunk's sessions; with `language_model=False` only the image side (vision, projector,
+        the mapped embedding) until `load_language_model()`, so a first image can be encoded before the
+        language model's weights are resident (a memory budget's start-up peak is then the larger of
+        the two, not their sum)."""
         cfg = bundle.manifest.model_config()
         so = session_options()
 
@@ -91,20 +97,36 @@ class Trunk:
                 drop_cached(bundle.path_of(entry))  # one file at a time in the page cache (footprint)
             return session
 
-        shared = {n: load(f"layer{n}.shared") for n in cfg.moe.layers} if cfg.moe.shared_intermediate else {}
         layout = {}
         if any(e.path == LAYOUT_FILE for e in bundle.manifest.by_role("image_layout")):
             f = SafetensorsFile(bundle.path_of(LAYOUT_FILE))
             layout = {name: f.tensor(name) for name in f.infos}
         embedding = MappedEmbedding.open(bundle.graph_path("embed"))
-        trunk = cls(cfg, load("vision"), load("projector"), None if embedding else load("embed"), load("head"),
-                    [load(f"layer{n}.attn") for n in range(cfg.num_layers)],
-                    {n: load(f"layer{n}.mlp") for n in cfg.dense_layers}, shared, layout, embedding)
+        trunk = cls(cfg, load("vision"), load("projector"), None, None, [], {}, {}, layout, embedding)
         trunk.reopen_vision = lambda: load("vision")
-        trunk._check_cache_shape()
+        trunk._load = lambda: trunk._open_language_model(load)
+        if language_model:
+            trunk.load_language_model()
         for entry in bundle.manifest.files:  # and nothing else of the bundle stays cached (layout, ...)
             drop_cached(bundle.path_of(entry))
         return trunk
+
+    def load_language_model(self) -> None:
+        """Open the language model's graphs (embed, attention, dense MLPs, shared experts, head) if
+        `open` deferred them."""
+        if self.head_session is None:
+            if self._load is None:
+                raise RuntimeGraphError("this trunk was built without its language model graphs")
+            self._load()
+            self._check_cache_shape()
+
+    def _open_language_model(self, load: Callable[[str], ort.InferenceSession]) -> None:
+        cfg = self.config
+        self.shared = {n: load(f"layer{n}.shared") for n in cfg.moe.layers} if cfg.moe.shared_intermediate else {}
+        self.embed_session = None if self.embedding else load("embed")
+        self.head_session = load("head")
+        self.attn = [load(f"layer{n}.attn") for n in range(cfg.num_layers)]
+        self.mlp = {n: load(f"layer{n}.mlp") for n in cfg.dense_layers}
 
     def _check_cache_shape(self) -> None:
         cfg = self.config
