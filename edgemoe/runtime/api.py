@@ -175,8 +175,9 @@ class ChatSession:
         self.images = list(images)
         ids = conversation.encode(self.tokenizer)
         if self.engine is None:
+            positions = len(splice_positions(ids, self.image_tokens))  # the images' encoding counts in TTFT
             set_up = time.monotonic()
-            self.start(len(splice_positions(ids, self.image_tokens)))
+            self.start(positions)
             t0 += time.monotonic() - set_up  # one-off set-up is load_s, not time to first token
         elif not reuse:
             self.engine.forget()
