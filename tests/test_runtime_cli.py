@@ -118,3 +118,12 @@ def test_the_library_and_the_cli_default_to_the_same_policy() -> None:
     cli_default = pyinspect.signature(ask_command).parameters["policy"].default.default
     library_default = pyinspect.signature(ask).parameters["policy"].default
     assert cli_default == library_default == GenerationOptions().policy == DEFAULT_POLICY
+
+
+def test_time_to_first_token_is_image_encoding_plus_prefill(tiny) -> None:
+    result = ask(tiny.bundle("stablelm", "int4"), "What is in the image?", tiny.image, max_tokens=3,
+                 expert_budget="30%")
+    s = result.stats
+    assert s.image_encode_s > 0 and s.cache_misses > 0 and s.prefill_expert_load_s > 0
+    assert abs(s.time_to_first_token_s - (s.image_encode_s + s.prefill_s)) < 0.02
+    assert 0 <= s.prefill_hash_s <= s.prefill_expert_load_s + 0.01  # hashing happens inside expert loads

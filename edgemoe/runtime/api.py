@@ -103,6 +103,7 @@ class ChatSession:
         self.budget: BudgetPlan | None = None
         self._features: dict[tuple[Any, ...], np.ndarray] = {}  # image_key -> projected rows
         self._vision_bytes = 0  # what closing the vision tower gave back (measured; under a memory budget)
+        self._encode_s = self._encode_mark = 0.0  # seconds spent encoding images (all, and before this answer)
         self._live: LiveBudget | None = None  # the plan kept true as the conversation grows
         self._load_s = time.monotonic() - t0
 
@@ -171,6 +172,7 @@ class ChatSession:
         id with the text it released (the last id also gets the held-back rest), so the texts join
         to the answer."""
         t0 = time.monotonic()
+        self._encode_mark = self._encode_s
         self._check_image_count(len(images))
         self.images = list(images)
         ids = conversation.encode(self.tokenizer)
@@ -185,7 +187,7 @@ class ChatSession:
         limit = max_tokens or self.options.max_tokens
         if self._live is not None:
             self._live.fit_prompt(len(splice_positions(ids, self.image_tokens)), limit)
-        before = CounterSnapshot.take(self.provider, engine.moe.predictions)
+        before = CounterSnapshot.take(self.provider, engine.moe.predictions, self.bundle.hash_seconds)
         with RssSampler() as rss:
             return self._generate(engine, ids, limit, _Emitter(on_text, on_token),
                                   t0, rss, before, sampler or self.sampler, (conversation.stop_str, *stops),
@@ -209,9 +211,11 @@ class ChatSession:
         if missing:
             if self._live is not None and not self.trunk.vision_resident:
                 self._live.vision_reopening()
+            start = time.monotonic()
             for key, source in missing:
                 self._features[key] = self.trunk.encode_image(prepare_image(
                     source, manifest.processor_config(), aspect, self.config.candidate_resolutions, tiled))
+            self._encode_s += time.monotonic() - start
             if self.memory_budget is not None:  # the tower leaves the process until the next image
                 self._vision_bytes = max(self._vision_bytes, close_vision(self.trunk))
                 if self._live is not None:
@@ -230,7 +234,7 @@ class ChatSession:
         for token in engine.generate_step(ids, self.image_features(), limit, sampler, self.stop_ids):
             clock.token()
             if not tokens:
-                clock.at_first = CounterSnapshot.take(self.provider, engine.moe.predictions)
+                clock.at_first = CounterSnapshot.take(self.provider, engine.moe.predictions, self.bundle.hash_seconds)
             tokens.append(token)
             emit(token, stream.push(token) if token not in self.stop_ids else "")
             rss.sample()
@@ -293,9 +297,10 @@ class ChatSession:
     def _stats(self, engine: Engine, t0: float, clock: Clock, n: int, rss: RssSampler,
                before: CounterSnapshot) -> GenerationStats:
         info = engine.last_prefill
-        now = CounterSnapshot.take(self.provider, engine.moe.predictions)
+        now = CounterSnapshot.take(self.provider, engine.moe.predictions, self.bundle.hash_seconds)
         delta = now - before
         decode = (now - clock.at_first) if clock.at_first else None
+        prefill = (clock.at_first - before) if clock.at_first else delta
         decode_paged = decode.counters.bytes_paged if decode else 0
         first = clock.first or time.monotonic()
         decode_s = (clock.last or first) - first
@@ -315,7 +320,9 @@ class ChatSession:
             expert_store=store_kind(getattr(self.provider, "store", self.provider)),
             expert_cache_fraction=budget.expert_bytes / budget.all_expert_bytes
             if budget and budget.offloading else None,
-            disk_read_bytes=delta.disk_read, decode_disk_read_bytes=decode.disk_read if decode else None)
+            disk_read_bytes=delta.disk_read, decode_disk_read_bytes=decode.disk_read if decode else None,
+            image_encode_s=self._encode_s - self._encode_mark, prefill_expert_load_s=prefill.counters.load_seconds,
+            prefill_hash_s=prefill.hash_seconds)
 
     # -- lifetime ---------------------------------------------------------------------------------
 

@@ -82,10 +82,11 @@ class ProviderCounters:
     hits: int = 0
     misses: int = 0
     bytes_paged: int = 0
+    load_seconds: float = 0.0  # spent loading experts (reading, verifying, first-use sessions), summed over threads
 
     def __sub__(self, other: "ProviderCounters") -> "ProviderCounters":
         return ProviderCounters(self.hits - other.hits, self.misses - other.misses,
-                                self.bytes_paged - other.bytes_paged)
+                                self.bytes_paged - other.bytes_paged, self.load_seconds - other.load_seconds)
 
 
 def provider_counters(provider: Any) -> ProviderCounters:
@@ -96,4 +97,5 @@ def provider_counters(provider: Any) -> ProviderCounters:
     cache = getattr(stats, "cache", None)
     store = getattr(stats, "store", None)
     paged = store.bytes_read if store is not None else getattr(cache, "bytes_loaded", 0)
-    return ProviderCounters(getattr(cache, "hits", 0), getattr(cache, "misses", 0), int(paged))
+    return ProviderCounters(getattr(cache, "hits", 0), getattr(cache, "misses", 0), int(paged),
+                            float(getattr(store, "load_seconds", 0.0) or 0.0))

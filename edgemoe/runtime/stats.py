@@ -50,6 +50,9 @@ class GenerationStats:
     expert_store: str = "sessions"  # how experts were paged: mapped | sessions
     expert_cache_fraction: float | None = None  # the expert cache's share of all expert bytes (None: all)
     disk_read_bytes: int | None = None  # bytes this process read from storage during the request (/proc/self/io)
+    image_encode_s: float = 0.0  # TTFT = image_encode_s + prefill_s: the vision tower and projector
+    prefill_expert_load_s: float = 0.0  # of prefill_s: loading experts (read, verify, first sessions), over threads
+    prefill_hash_s: float = 0.0  # of that: hashing bundle files for their sha256
     decode_disk_read_bytes: int | None = None  # those read after the first token
 
     @property
@@ -64,7 +67,8 @@ class GenerationStats:
         """One line for people: prompt, speed, experts, memory."""
         speed = "-" if self.decode_tokens_per_s is None else f"{self.decode_tokens_per_s:.1f}"
         parts = [f"{self.prompt_tokens} prompt tokens ({self.image_tokens} image)",
-                 f"first token {self.time_to_first_token_s:.2f} s", f"{self.new_tokens} tokens at {speed} tok/s",
+                 f"first token {self.time_to_first_token_s:.2f} s (image {self.image_encode_s:.2f} s, experts loading "
+                 f"{self.prefill_expert_load_s:.2f} s)", f"{self.new_tokens} tokens at {speed} tok/s",
                  f"experts {self.cache_hits} hits / {self.cache_misses} misses ({self.policy})",
                  f"{_mb(self.bytes_paged)} paged", f"peak RSS {_mb(self.peak_rss_bytes)}"]
         if self.prediction_precision is not None and self.prediction_recall is not None:
@@ -109,17 +113,19 @@ class CounterSnapshot:
     needed: int
     correct: int
     disk_read: int | None = None  # /proc/self/io read_bytes: what really came from storage
+    hash_seconds: float = 0.0  # the bundle's hashing time so far
 
     @classmethod
-    def take(cls, provider: Any, predictions: Any) -> "CounterSnapshot":
+    def take(cls, provider: Any, predictions: Any, hash_seconds: float = 0.0) -> "CounterSnapshot":
         """`predictions`: the MoE layer's prediction record (anything with `summary()`)."""
         p = predictions.summary()
-        return cls(provider_counters(provider), p.predicted, p.needed, p.correct, storage_read_bytes())
+        return cls(provider_counters(provider), p.predicted, p.needed, p.correct, storage_read_bytes(), hash_seconds)
 
     def __sub__(self, other: "CounterSnapshot") -> "CounterSnapshot":
         disk = None if self.disk_read is None or other.disk_read is None else self.disk_read - other.disk_read
         return CounterSnapshot(self.counters - other.counters, self.predicted - other.predicted,
-                               self.needed - other.needed, self.correct - other.correct, disk)
+                               self.needed - other.needed, self.correct - other.correct, disk,
+                               self.hash_seconds - other.hash_seconds)
 
 
 def rss_high_water() -> int:
