@@ -14,11 +14,12 @@ Linux only; elsewhere `measure_footprint` returns None.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgemoe.page_cache import cached_bytes
+from edgemoe.periodic import Periodic
+from edgemoe.proc_stats import status_bytes
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,7 @@ class Footprint:
 
 
 def process_rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return status_bytes("VmRSS", pid)
 
 
 def mapped_resident(pid: int, files: set[str]) -> dict[str, int]:
@@ -91,15 +85,14 @@ def model_files(bundle_dir: str | os.PathLike) -> list[Path]:
     return [path for path in files if path.is_file()]
 
 
-class FootprintSampler:
+class FootprintSampler(Periodic):
     """Peak footprint of a process, sampled on a daemon thread (`with FootprintSampler(pid, files)`)."""
 
     def __init__(self, pid: int, files: list[Path], interval_s: float = 0.1) -> None:
-        self.pid, self.files, self.interval_s = pid, files, interval_s
+        super().__init__(interval_s, "edgemoe-footprint")
+        self.pid, self.files = pid, files
         self.peak: Footprint | None = None
         self.samples = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def sample(self) -> Footprint | None:
         now = measure_footprint(self.pid, self.files)
@@ -108,17 +101,3 @@ class FootprintSampler:
             if self.peak is None or now.total_bytes > self.peak.total_bytes:
                 self.peak = now
         return now
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> "FootprintSampler":
-        self._thread = threading.Thread(target=self._loop, name="edgemoe-footprint", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()

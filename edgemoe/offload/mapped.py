@@ -41,6 +41,7 @@ from edgemoe.offload.prepacked import PAGE, SESSION_OVERHEAD, PrepackedGraphs, d
 from edgemoe.offload.sessions import glibc
 from edgemoe.offload.store import LoadCounter, OnnxExpert, StoreStats
 from edgemoe.page_cache import drop_cached
+from edgemoe.proc_stats import status_bytes
 
 if TYPE_CHECKING:
     from edgemoe.bundle import Bundle
@@ -57,14 +58,7 @@ OVERHEAD_FLOOR = 64 << 10
 
 def anonymous_rss() -> int | None:
     """This process's anonymous resident bytes (RssAnon in /proc/self/status), or None off Linux."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return status_bytes("RssAnon")
 
 
 def _madvise_fn() -> Any:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import resource
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import psutil
 
+from edgemoe.periodic import Periodic
+from edgemoe.proc_stats import io_bytes, status_bytes
 from edgemoe.runtime.providers import ProviderCounters, provider_counters
 
 
@@ -132,27 +133,13 @@ def rss_high_water() -> int:
     """This process's peak RSS since its program started (VmHWM in /proc/self/status). Unlike
     getrusage's ru_maxrss, which carries the parent's RSS across fork + exec (a child of a large
     process reports the parent's peak), VmHWM belongs to this program's own address space. 0 off Linux."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return 0
-    return 0
+    return status_bytes("VmHWM") or 0
 
 
 def storage_read_bytes() -> int | None:
     """Bytes this process has caused to be read from storage (read_bytes in /proc/self/io: page
     faults, readahead and MADV_POPULATE_READ included; page-cache hits excluded), or None off Linux."""
-    try:
-        with open("/proc/self/io", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return io_bytes("read_bytes")
 
 
 def ratio(num: int, den: int) -> float | None:
@@ -169,34 +156,15 @@ def max_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-class RssSampler:
+class RssSampler(Periodic):
     """Samples this process's RSS on a daemon thread while in use (`with RssSampler() as s: ...`)."""
 
     def __init__(self, interval_s: float = 0.005) -> None:
-        self.interval_s = interval_s
+        super().__init__(interval_s, "edgemoe-rss")
         self._proc = psutil.Process()
         self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def sample(self) -> int:
         rss = self._proc.memory_info().rss
         self.peak = max(self.peak, rss)
         return rss
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> "RssSampler":
-        self.sample()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="edgemoe-rss", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.sample()
