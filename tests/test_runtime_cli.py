@@ -127,3 +127,12 @@ def test_time_to_first_token_is_image_encoding_plus_prefill(tiny) -> None:
     assert s.image_encode_s > 0 and s.cache_misses > 0 and s.prefill_expert_load_s > 0
     assert abs(s.time_to_first_token_s - (s.image_encode_s + s.prefill_s)) < 0.02
     assert 0 <= s.prefill_hash_s <= s.prefill_expert_load_s + 0.01  # hashing happens inside expert loads
+
+
+def test_prefetched_in_time_counts_only_hinted_loads(tiny) -> None:
+    kwargs = dict(max_tokens=8, expert_budget="50%")
+    hinted = ask(tiny.bundle("deepseek-vl2-tiny", "int4"), "What is in the image?", tiny.image, **kwargs).stats
+    plain = ask(tiny.bundle("deepseek-vl2-tiny", "int4"), "What is in the image?", tiny.image, prefetch=False,
+                **kwargs).stats
+    assert 0 < hinted.prefetched_in_time <= hinted.cache_hits
+    assert plain.prefetched_in_time == plain.prefetched_late == 0  # no hints: nothing can arrive early

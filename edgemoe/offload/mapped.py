@@ -343,11 +343,14 @@ class MappedExpertStore:
                 self.bundle.verify_file(self.bundle.manifest.expert(key))  # a stat after the first time
             except EdgeMoEError as exc:
                 raise ExpertLoadError(key, str(exc)) from exc
+        existing = set(find_mappings(data_file(path)))  # another session (an older store) may map it too
         try:
             session = self._make_session(str(path))
         except Exception as exc:
             raise ExpertLoadError(key, f"ONNX Runtime cannot open {path.name}: {one_line(exc)}") from exc
-        residency = PageResidency(data_file(path), find_mappings(data_file(path)))
+        # Only this session's mappings: another's go away with it, and paging them would fail (ENOMEM).
+        ranges = tuple(r for r in find_mappings(data_file(path)) if r not in existing)
+        residency = PageResidency(data_file(path), ranges)
         residency.no_readaround()
         # ORT read the whole graph and data file (original weights too) to build the session; keep
         # none of it cached beyond the mapped pages it faulted in (footprint, module docstring).

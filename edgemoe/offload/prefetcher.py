@@ -59,6 +59,7 @@ class PrefetchStats:
     failed: int  # loads that raised (either thread)
     wait_seconds: float  # time callers spent in wait(), their own demand loads included
     load_seconds: float  # background load time
+    late: int = 0  # hinted loads a layer needed before they were done (made urgent, waited for)
 
 
 @dataclass(eq=False)
@@ -85,7 +86,8 @@ class Prefetcher:
         self._busy: _Job | None = None  # the background thread's current job
         self._step = 0
         self._closed = False
-        self._counts = dict.fromkeys(("requested", "prefetched", "demand_loads", "dropped_stale",
+        self._fresh: set[ExpertKey] = set()  # hinted loads stored and not yet used
+        self._counts = dict.fromkeys(("requested", "prefetched", "demand_loads", "dropped_stale", "late",
                                       "dropped_no_room", "failed"), 0)
         self._wait_seconds = self._load_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -117,8 +119,19 @@ class Prefetcher:
             self._cond.notify_all()
         return len(queued)
 
+    def take_fresh(self, key: ExpertKey) -> bool:
+        """Whether `key` is resident because a hint loaded it and this is its first use (then it is
+        no longer fresh): a prefetch that arrived in time."""
+        with self._cond:
+            if key in self._fresh:
+                self._fresh.discard(key)
+                return True
+            return False
+
     def _make_urgent(self, job: _Job) -> None:
         """A hint the current layer turns out to need: hold it once loaded, and load it next."""
+        if not job.urgent:
+            self._counts["late"] += 1
         job.urgent = True
         if job.state == "queued":
             self._queue.remove(job)
@@ -284,6 +297,8 @@ class Prefetcher:
             if job.urgent and not self._is_stale(job.step):
                 self.cache.pin([job.key])
                 self._held[job.key] = job.step
+            elif not job.urgent:
+                self._fresh.add(job.key)
         try:
             self.cache.put(job.key, runner)
         except Exception as exc:  # it grew past its reservation and everything else is pinned

@@ -53,6 +53,7 @@ class ProviderStats:
     store: "StoreStats | None"
     prediction: PredictionSummary | None
     layer_calls: int
+    prefetched_in_time: int = 0  # hits on experts a hint loaded, at their first use
 
     @property
     def hit_rate(self) -> float | None:
@@ -117,6 +118,7 @@ class OffloadingProvider:
         self._hinted: dict[int, set[int]] = {}  # layer -> experts hinted for its next visit
         self._guard: list[ExpertKey] = []  # the upcoming layer's residents, pinned while hints load
         self.predictions = PredictionStats()
+        self._in_time = 0  # hits served by a hint's load, at first use (single caller thread)
 
     # --- the MoE layer's side ------------------------------------------------------------------
 
@@ -151,6 +153,7 @@ class OffloadingProvider:
                 misses.append(key)
             else:
                 hits.append((key, runner))
+                self._in_time += self.prefetcher.take_fresh(key)
         return hits, misses
 
     def _release(self, pinned: list[ExpertKey], key: ExpertKey) -> None:
@@ -225,7 +228,7 @@ class OffloadingProvider:
     def stats(self) -> ProviderStats:
         prediction = self.predictions.summary()
         return ProviderStats(self.cache.stats(), self.prefetcher.stats(), _store_stats(self.store),
-                             prediction if prediction.events else None, self._calls)
+                             prediction if prediction.events else None, self._calls, self._in_time)
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -322,7 +322,8 @@ class ChatSession:
             if budget and budget.offloading else None,
             disk_read_bytes=delta.disk_read, decode_disk_read_bytes=decode.disk_read if decode else None,
             image_encode_s=self._encode_s - self._encode_mark, prefill_expert_load_s=prefill.counters.load_seconds,
-            prefill_hash_s=prefill.hash_seconds)
+            prefill_hash_s=prefill.hash_seconds, prefetched_in_time=delta.counters.in_time,
+            prefetched_late=delta.counters.late)
 
     # -- lifetime ---------------------------------------------------------------------------------
 

@@ -83,10 +83,13 @@ class ProviderCounters:
     misses: int = 0
     bytes_paged: int = 0
     load_seconds: float = 0.0  # spent loading experts (reading, verifying, first-use sessions), summed over threads
+    in_time: int = 0  # hits on experts a hint had loaded (prefetched in time)
+    late: int = 0  # hinted loads needed before they were done
 
     def __sub__(self, other: "ProviderCounters") -> "ProviderCounters":
         return ProviderCounters(self.hits - other.hits, self.misses - other.misses,
-                                self.bytes_paged - other.bytes_paged, self.load_seconds - other.load_seconds)
+                                self.bytes_paged - other.bytes_paged, self.load_seconds - other.load_seconds,
+                                self.in_time - other.in_time, self.late - other.late)
 
 
 def provider_counters(provider: Any) -> ProviderCounters:
@@ -97,5 +100,7 @@ def provider_counters(provider: Any) -> ProviderCounters:
     cache = getattr(stats, "cache", None)
     store = getattr(stats, "store", None)
     paged = store.bytes_read if store is not None else getattr(cache, "bytes_loaded", 0)
+    prefetch = getattr(stats, "prefetch", None)
     return ProviderCounters(getattr(cache, "hits", 0), getattr(cache, "misses", 0), int(paged),
-                            float(getattr(store, "load_seconds", 0.0) or 0.0))
+                            float(getattr(store, "load_seconds", 0.0) or 0.0),
+                            int(getattr(stats, "prefetched_in_time", 0)), int(getattr(prefetch, "late", 0)))

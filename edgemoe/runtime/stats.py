@@ -54,6 +54,8 @@ class GenerationStats:
     image_encode_s: float = 0.0  # TTFT = image_encode_s + prefill_s: the vision tower and projector
     prefill_expert_load_s: float = 0.0  # of prefill_s: loading experts (read, verify, first sessions), over threads
     prefill_hash_s: float = 0.0  # of that: hashing bundle files for their sha256
+    prefetched_in_time: int = 0  # of cache_hits: experts a hint loaded before the layer asked (first use)
+    prefetched_late: int = 0  # of cache_misses: hinted experts still loading when the layer asked
     decode_disk_read_bytes: int | None = None  # those read after the first token
 
     @property
