@@ -54,6 +54,8 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
                                                         "session built per load) | fused (each layer's int4 "
                                                         "experts in one resident QMoE session; no budget) | "
                                                         "auto (mapped where possible)."),
+    "lookahead": Flag(int, 1, "--lookahead", "MoE layers ahead whose predicted experts are paged in while the "
+                                             "current one computes (more: earlier, but less sure)."),
     "threads": Flag(Optional[int], None, "--threads", "CPU threads per ONNX Runtime session (default: the cores "
                                                       "this process may use)."),
     "ctx_size": Flag(Optional[int], None, "--ctx-size", "Context positions (prompt, image and answers; default: "
@@ -69,7 +71,7 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
 }
 # The flags that are GenerationOptions fields.
 GENERATION_FIELDS = ("max_tokens", "memory_budget", "expert_budget", "policy", "temperature", "top_p", "seed",
-                     "expert_store", "top_k", "min_p", "repeat_penalty", "system", "threads", "ctx_size")
+                     "expert_store", "top_k", "min_p", "repeat_penalty", "system", "threads", "ctx_size", "lookahead")
 
 
 def generation_flags(*, without: tuple[str, ...] = (), **helps: str) -> Callable[[F], F]:

@@ -136,3 +136,12 @@ def test_prefetched_in_time_counts_only_hinted_loads(tiny) -> None:
                 **kwargs).stats
     assert 0 < hinted.prefetched_in_time <= hinted.cache_hits
     assert plain.prefetched_in_time == plain.prefetched_late == 0  # no hints: nothing can arrive early
+
+
+def test_answers_do_not_depend_on_how_far_ahead_experts_are_paged(tiny) -> None:
+    bundle = tiny.bundle("deepseek-vl2-tiny", "int4")
+    base = ("ask", str(bundle), "What is in the image?", "--image", str(tiny.image), "--max-tokens", "6",
+            "--expert-budget", "40%", "--json")
+    runs = [json.loads(edgemoe_cli(*base, "--lookahead", str(n)).stdout) for n in (1, 2)]
+    assert runs[0]["token_ids"] == runs[1]["token_ids"]
+    assert runs[1]["stats"]["cache_misses"] > 0

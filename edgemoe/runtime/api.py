@@ -268,7 +268,7 @@ class ChatSession:
         opts = self.options
         capacity = self._context_tokens or prompt_positions + self._reserve_turns * opts.max_tokens
         moe = MoELayer(self.routers, _NoProvider(), self.config.moe.layers, self.config.moe.top_k,
-                       prefetch=opts.prefetch)
+                       prefetch=opts.prefetch, lookahead=opts.lookahead)
         engine = Engine(self.trunk, moe, self.logit_limit, capacity, context_limit=opts.ctx_size)
         engine.warm_up()
         store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress)  # before the baseline

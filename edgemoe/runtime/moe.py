@@ -45,11 +45,11 @@ class MoELayer:
     """Every MoE layer of a model, sharing one provider and one set of routers."""
 
     def __init__(self, routers: Routers, provider: ExpertProvider, moe_layers: tuple[int, ...], top_k: int,
-                 predictor: ExpertPredictor | None = None, prefetch: bool = True) -> None:
+                 predictor: ExpertPredictor | None = None, prefetch: bool = True, lookahead: int = 1) -> None:
         self.routers, self.provider, self.top_k, self.prefetch = routers, provider, top_k, prefetch
         self.moe_layers = tuple(sorted(moe_layers))
         self.predictor = predictor or RouterPredictor(routers.weights, self.moe_layers, top_k, rule=routers.rule,
-                                                      biases=routers.biases)
+                                                      biases=routers.biases, lookahead=lookahead)
         self._hinted: dict[int, tuple[int, ...]] = {}  # layer -> experts hinted for its next call
         self.predictions = PredictionStats()
 

@@ -37,7 +37,7 @@ class GenerationOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    prefetch: bool = True  # hint the next MoE layer's predicted experts
+    prefetch: bool = True  # hint the coming MoE layers' predicted experts
     expert_store: str = "auto"  # mapped | sessions | fused | auto (runtime.providers.open_expert_store)
     top_k: int = 0  # 0: off
     min_p: float = 0.0
@@ -45,6 +45,7 @@ class GenerationOptions:
     system: str | None = None  # replaces the family template's system prompt
     threads: int | None = None  # intra-op threads of every ORT session (None: the cores this process may use)
     ctx_size: int | None = None  # context positions (prompt + answers); None: the model's own
+    lookahead: int = 1  # MoE layers ahead whose experts are predicted and paged in (more: earlier, less sure)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -56,6 +57,8 @@ class GenerationOptions:
                                "--expert-store mapped, sessions or auto")
         if self.policy not in POLICIES:
             raise EdgeMoEError(f"unknown eviction policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        if self.lookahead < 1:
+            raise EdgeMoEError(f"lookahead must be at least 1 MoE layer, got {self.lookahead}")
         if self.threads is not None and self.threads < 1:
             raise EdgeMoEError(f"threads must be at least 1, got {self.threads}")
         if self.ctx_size is not None and self.ctx_size < 2:
