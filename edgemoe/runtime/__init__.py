@@ -7,6 +7,7 @@
 Modules, data flow first:
   sessions.py    ORT session options (the offload package's: one thread policy, no arenas)
   trunk.py       the resident graphs: vision, projector, embed, attention, dense MLPs, head
+  embedding.py   the embedding table read in place from embed.onnx (only the rows a prompt uses)
   kv_cache.py    preallocated KV buffers the attention graphs update in place (IOBinding)
   routing.py     the fp32 top-2 router in numpy, deterministic
   moe.py         route -> dispatch -> experts (from an ExpertProvider) -> combine; next-layer hints
@@ -15,6 +16,7 @@ Modules, data flow first:
   detokenize.py  ids -> streamed text, cut at stop strings
   options.py     GenerationOptions; --memory-budget auto
   budget.py      --memory-budget / --expert-budget -> expert cache capacity
+  live_budget.py the plan kept true as the run changes (KV growth, prompts, the vision tower)
   providers.py   resident or offloading provider; its counters
   stats.py       GenerationStats, GenerationResult, RSS sampling
   transcript.py  a conversation as JSON (chat's /save, /load)
