@@ -1,6 +1,7 @@
 """Load on `edgemoe serve`: N requests from C concurrent clients (the official openai client), each
 answer checked against `edgemoe ask` for the same question and image, latency percentiles, and the
-server's RSS measured from outside before, during and after (two rounds, to see any growth).
+server's footprint (RSS plus the bundle's page cache it keeps) measured from outside before, during and
+after (two rounds, to see any growth).
 
     python bench/serve_load.py BUNDLE [--requests 32] [--clients 8] [--tokens 16] [--image IMG]
 
@@ -24,10 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
-import psutil
 
 from edgemoe.bench.machine import machine_info
 from edgemoe.bench.prompt import synthetic_image
+from edgemoe.offload.footprint import FootprintSampler, measure_footprint, model_files
 from edgemoe.runtime import ask
 
 QUESTIONS = ["What is in the image?", "Describe the colours.", "Is there a person?", "Where was this taken?",
@@ -43,32 +44,6 @@ def start_server(bundle: Path) -> tuple[subprocess.Popen, str]:
             threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
             return process, found.group(1)
     raise SystemExit(f"the server did not start (exit {process.wait()})")
-
-
-class RssWatch:
-    """The server's RSS sampled every 10 ms from this process."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def now(self) -> int:
-        return self.proc.memory_info().rss
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self.now())
-
-    def __enter__(self) -> "RssWatch":
-        self.peak = self.now()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._stop.clear()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def one_round(url: str, model: str, image_url: str, want: dict[str, str], requests: int, clients: int,
@@ -107,14 +82,18 @@ def main() -> None:
     image_url = "data:image/png;base64," + base64.b64encode(Path(image).read_bytes()).decode()
     want = {q: ask(args.bundle, q, image, max_tokens=args.tokens).text for q in QUESTIONS}
     process, url = start_server(args.bundle)
+    files = model_files(args.bundle)
     try:
-        watch = RssWatch(process.pid)
-        report: dict = {"bundle": str(args.bundle), "machine": asdict(machine_info()), "rss_loaded_bytes": watch.now()}
+        loaded = measure_footprint(process.pid, files)
+        report: dict = {"bundle": str(args.bundle), "machine": asdict(machine_info()),
+                        "footprint_loaded_bytes": loaded and loaded.total_bytes}
         for name in ("round1", "round2"):
-            with watch:
+            with FootprintSampler(process.pid, files, interval_s=0.01) as watch:
                 report[name] = one_round(url, args.bundle.resolve().name, image_url, want, args.requests,
                                          args.clients, args.tokens)
-            report[name].update(peak_rss_bytes=watch.peak, rss_after_bytes=watch.now())
+            after = measure_footprint(process.pid, files)
+            report[name].update(peak_footprint_bytes=watch.peak and watch.peak.total_bytes,
+                                footprint_after_bytes=after and after.total_bytes)
     finally:
         process.send_signal(2)
         report["server_exit"] = process.wait(60)

@@ -54,8 +54,7 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def run_chat(session: Any, interactive: bool, as_json: bool, out: Console, err: Console,
-             write: Callable[[str], None]) -> None:
+def run_chat(session: Any, interactive: bool, as_json: bool, err: Console, write: Callable[[str], None]) -> None:
     """The chat loop (module docstring)."""
     if interactive:
         _enable_line_editing()

@@ -243,7 +243,7 @@ def chat(bundle: BundleDir, **flags: Any) -> None:
     interactive = sys.stdin.isatty()
     with _prepare_progress() as prepare, _session(bundle, flags, _images(flags["image"], ["question"]),
                                                   prepare) as session:
-        run_chat(session, interactive, flags["as_json"], out, err, _stream_text)
+        run_chat(session, interactive, flags["as_json"], err, _stream_text)
 
 
 @app.command()

@@ -22,7 +22,6 @@ import ctypes
 import mmap
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,11 +82,21 @@ def cached_bytes(path: str | os.PathLike) -> int | None:
             lib.munmap(addr, size)
     finally:
         os.close(fd)
-    return min(resident * PAGE, size + PAGE - 1 - (size - 1) % PAGE)
+    return resident * PAGE
 
 
 def drop_cached(path: str | os.PathLike, ranges: Iterable[tuple[int, int]] | None = None) -> None:
     """Advise the kernel to drop `path`'s cached pages in (offset, length) `ranges` (default: all)."""
+    _advise(path, ((0, 0),) if ranges is None else ranges, "POSIX_FADV_DONTNEED")
+
+
+def will_need(path: str | os.PathLike, ranges: Iterable[tuple[int, int]]) -> None:
+    """Start reading exactly `ranges` of `path` into the page cache, all at once (POSIX_FADV_WILLNEED:
+    the reads go out together and mark no page for further readahead). Advice: never fails."""
+    _advise(path, ranges, "POSIX_FADV_WILLNEED")
+
+
+def _advise(path: str | os.PathLike, ranges: Iterable[tuple[int, int]], advice: str) -> None:
     if not hasattr(os, "posix_fadvise"):
         return
     try:
@@ -95,8 +104,8 @@ def drop_cached(path: str | os.PathLike, ranges: Iterable[tuple[int, int]] | Non
     except OSError:
         return
     try:
-        for offset, length in ranges if ranges is not None else ((0, 0),):
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        for offset, length in ranges:
+            os.posix_fadvise(fd, offset, length, getattr(os, advice))
     except OSError:
         pass
     finally:
@@ -117,8 +126,3 @@ def sync_and_drop(paths: Iterable[str | os.PathLike]) -> None:
         finally:
             os.close(fd)
         drop_cached(path)
-
-
-def files_cached_bytes(paths: Iterable[Path]) -> int:
-    """Sum of `cached_bytes` over `paths` (files that cannot be measured count 0)."""
-    return sum(cached_bytes(p) or 0 for p in paths)

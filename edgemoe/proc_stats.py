@@ -2,10 +2,14 @@
 
 Contract: `status_bytes(field, pid)` reads a kB field of /proc/<pid>/status (VmRSS, VmHWM,
 RssAnon, ...) as bytes; `io_bytes(field, pid)` a field of /proc/<pid>/io (read_bytes, ...). Both
-return None where the file or field is missing (not Linux, the process gone). A leaf module.
+return None where the file or field is missing (not Linux, the process gone). `smaps_rss(pid, group)`
+sums the Rss of the mappings in /proc/<pid>/smaps by `group(start address, path)` (None: skipped),
+{} where it cannot be read. A leaf module.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Hashable
 
 
 def status_bytes(field: str, pid: int | str = "self") -> int | None:
@@ -26,3 +30,20 @@ def _field(path: str, field: str, unit: int) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def smaps_rss(pid: int | str, group: Callable[[int, str], Hashable | None]) -> dict[Hashable, int]:
+    out: dict[Hashable, int] = {}
+    current = None
+    try:
+        with open(f"/proc/{pid}/smaps", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):  # a mapping's header: "start-end perms ... path"
+                    parts = line.split(maxsplit=5)
+                    current = group(int(head.split("-")[0], 16), parts[5].rstrip("\n") if len(parts) == 6 else "")
+                elif current is not None and head == "Rss:":
+                    out[current] = out.get(current, 0) + int(line.split()[1]) * 1024
+    except OSError:
+        return {}
+    return out

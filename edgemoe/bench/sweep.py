@@ -34,7 +34,6 @@ from edgemoe.bench.machine import machine_info
 from edgemoe.bench.prompt import DEFAULT_QUESTION, estimate_prompt_tokens, synthetic_image
 from edgemoe.bench.results import EDGEMOE, BenchReport, BenchRun, RunStats
 from edgemoe.bundle import Bundle
-from edgemoe.bundle.entries import MANIFEST_NAME
 from edgemoe.errors import EdgeMoEError
 from edgemoe.offload.footprint import model_files
 from edgemoe.offload.policies import DEFAULT_POLICY, POLICIES
@@ -128,8 +127,7 @@ class SweepContext:
 
     def bundle_files(self) -> list[Path]:
         """The bundle's files and this machine's prepacked expert graphs: what a cold run must read."""
-        files = [self.bundle.root / MANIFEST_NAME] + [self.bundle.path_of(e) for e in self.bundle.manifest.files]
-        return files + prepared_files(self.bundle)
+        return model_files(self.bundle.root)
 
     def token_bytes_at(self, prompt_tokens: int | None, tokens: int) -> TokenBytes:
         """Bytes a token touches at the mean context of a decode of `tokens` after this prompt (a run's
@@ -200,10 +198,11 @@ def run_from_child(engine: str, child: ChildRun, *, policy: str | None, expert: 
 def run_edgemoe(ctx: SweepContext, expert: Budget | None, memory: Budget | None, policy: str | None,
                 store: str = "auto") -> BenchRun:
     """One `edgemoe ask` in a fresh process, cold if asked, set against its bound."""
+    files = ctx.bundle_files()  # dropped for a cold start, and watched for the footprint
     if ctx.options.cold:
-        evict_pages(ctx.bundle_files())
+        evict_pages(files)
     child = run_child(ask_command(ctx, expert, memory, policy, store), timeout_s=ctx.options.timeout_s,
-                      watch_files=model_files(ctx.bundle.root))
+                      watch_files=files)
     budget_bytes = None if expert is None else expert.bytes_of(ctx.expert_bytes_total)
     run = run_from_child(EDGEMOE, child, policy=policy, expert=expert, memory=memory, budget_bytes=budget_bytes,
                          tokens=ctx.options.tokens)
@@ -212,15 +211,6 @@ def run_edgemoe(ctx: SweepContext, expert: Budget | None, memory: Budget | None,
     if run.error:
         log.warning("%s failed: %s", run.label, run.error)
     return with_bound(ctx, run)
-
-
-def prepared_files(bundle: Bundle) -> list[Path]:
-    """This machine's prepacked graphs (and data files) of the bundle's experts, where they exist."""
-    from edgemoe.offload.prepacked import PrepackedGraphs, data_file
-
-    graphs = PrepackedGraphs()
-    paths = [graphs.path(e.sha256) for e in bundle.manifest.experts().values()]
-    return [f for p in paths if p.is_file() for f in (p, data_file(p))]
 
 
 def prepare_experts(bundle: Bundle, stores: tuple[str, ...]) -> None:

@@ -5,7 +5,8 @@ already counts the file pages it maps and has faulted in) plus, for each watched
 page cache holds that the process does not have mapped in (`cached_bytes` minus the Rss of its
 mappings of that file in /proc/PID/smaps, never below 0). That second term is what the OS keeps for
 the run beyond its RSS: an evicted expert whose pages stay cached, a bundle file read for its sha256.
-`model_files(bundle_dir)` lists what to watch: every file of the bundle and, in this machine's
+`model_files(bundle_dir)` lists what to watch (and what a cold run must read): every file of the bundle
+(its manifest included) and, in this machine's
 prepacked cache, the twins of its experts and its fused layers. `FootprintSampler` samples a process
 every `interval_s` on a thread and keeps the peak (what `--memory-budget` promises to bound).
 Linux only; elsewhere `measure_footprint` returns None.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from edgemoe.page_cache import cached_bytes
 from edgemoe.periodic import Periodic
-from edgemoe.proc_stats import status_bytes
+from edgemoe.proc_stats import smaps_rss, status_bytes
 
 
 @dataclass(frozen=True)
@@ -38,21 +39,7 @@ def process_rss(pid: int) -> int | None:
 
 def mapped_resident(pid: int, files: set[str]) -> dict[str, int]:
     """Rss of `pid`'s mappings of each of `files` (real paths), from /proc/PID/smaps."""
-    out: dict[str, int] = {}
-    current: str | None = None
-    try:
-        with open(f"/proc/{pid}/smaps", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                head = line.split(maxsplit=1)[0]
-                if "-" in head and not head.endswith(":"):
-                    parts = line.split(maxsplit=5)
-                    name = parts[5].rstrip("\n") if len(parts) == 6 else ""
-                    current = name if name in files else None
-                elif current is not None and head == "Rss:":
-                    out[current] = out.get(current, 0) + int(line.split()[1]) * 1024
-    except OSError:
-        return {}
-    return out
+    return smaps_rss(pid, lambda start, path: path if path in files else None)  # type: ignore[return-value]
 
 
 def measure_footprint(pid: int, files: list[Path]) -> Footprint | None:
@@ -71,11 +58,12 @@ def measure_footprint(pid: int, files: list[Path]) -> Footprint | None:
 def model_files(bundle_dir: str | os.PathLike) -> list[Path]:
     """The bundle's files and this machine's prepacked twins of its experts and fused layers."""
     from edgemoe.bundle import Bundle
+    from edgemoe.bundle.entries import MANIFEST_NAME
     from edgemoe.offload.fused import layer_key
     from edgemoe.offload.prepacked import PrepackedGraphs, data_file
 
     bundle = Bundle.open(bundle_dir, check_sizes=False)
-    files = [bundle.path_of(entry) for entry in bundle.manifest.files]
+    files = [bundle.root / MANIFEST_NAME] + [bundle.path_of(entry) for entry in bundle.manifest.files]
     graphs = PrepackedGraphs()
     keys = [entry.sha256 for entry in bundle.manifest.experts().values()]
     keys += [layer_key(bundle, n) for n in bundle.manifest.model_config().moe.layers]

@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,8 +40,8 @@ from edgemoe.offload.errors import ExpertLoadError, PrepareError, one_line
 from edgemoe.offload.prepacked import PAGE, SESSION_OVERHEAD, PrepackedGraphs, data_file, mapped_bytes
 from edgemoe.offload.sessions import glibc
 from edgemoe.offload.store import LoadCounter, OnnxExpert, StoreStats
-from edgemoe.page_cache import drop_cached
-from edgemoe.proc_stats import status_bytes
+from edgemoe.page_cache import drop_cached, will_need
+from edgemoe.proc_stats import smaps_rss, status_bytes
 
 if TYPE_CHECKING:
     from edgemoe.bundle import Bundle
@@ -91,15 +91,7 @@ def find_mappings(path: Path) -> tuple[tuple[int, int, int], ...]:
 def resident_bytes(ranges: tuple[tuple[int, ...], ...]) -> int:
     """Bytes of `ranges` (address first) now resident in this process (Rss in /proc/self/smaps)."""
     starts = {r[0] for r in ranges}
-    total, current = 0, False
-    with open("/proc/self/smaps", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                current = int(head.split("-")[0], 16) in starts
-            elif current and head == "Rss:":
-                total += int(line.split()[1]) * 1024
-    return total
+    return sum(smaps_rss("self", lambda start, path: start if start in starts else None).values())
 
 
 # MADV_POPULATE_READ arrived in Linux 5.14; before that madvise answers EINVAL and page_in reads the
@@ -145,21 +137,12 @@ class PageResidency:
         for start, length, _ in self.ranges:
             libc.madvise(start, length, MADV_RANDOM)
 
-    def _read_exactly(self) -> None:
-        """Start reading exactly the mapped ranges into the page cache (POSIX_FADV_WILLNEED, which
-        marks no page for further async readahead); the populate that follows waits for them."""
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for _, length, offset in self.ranges:
-                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-
     def _populate(self) -> bool:
         """MADV_POPULATE_READ every range; False where the kernel lacks it."""
         if not POPULATE_READ:
             return False
-        self._read_exactly()
+        # Exactly the mapped ranges, requested together; the populate below waits for them.
+        will_need(self.path, [(offset, length) for _, length, offset in self.ranges])
         libc = _madvise_fn()
         for start, length, _ in self.ranges:
             if libc.madvise(start, length, MADV_POPULATE_READ) == 0:
@@ -175,33 +158,33 @@ class PageResidency:
         cache, without I/O); a range the file no longer covers is EIO, as is a read that fails."""
         with open(self.path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            for _, length, offset in self.ranges:
-                end = min(offset + length, size)
-                if size <= offset + length - PAGE:  # its last page lies past EOF: the file was truncated
-                    raise OSError(errno.EIO, f"cannot page in {self.path.name}: the file is truncated")
-                pos = offset
-                while pos < end:
-                    got = len(os.pread(f.fileno(), min(READ_CHUNK, end - pos), pos))
-                    if got == 0:
-                        raise OSError(errno.EIO, f"cannot page in {self.path.name}: short read")
-                    pos += got
+            if any(size <= offset + length - PAGE for _, length, offset in self.ranges):
+                # a range's last page lies past EOF: the file was truncated
+                raise OSError(errno.EIO, f"cannot page in {self.path.name}: the file is truncated")
+            for at, want in self._chunks(size):
+                if len(os.pread(f.fileno(), want, at)) < want:
+                    raise OSError(errno.EIO, f"cannot page in {self.path.name}: short read")
 
     def _drain(self) -> None:
         """Wait out reads still in flight for the ranges (a pread waits on a page under I/O), so that a
         drop afterwards leaves nothing of a failed page-in behind; errors are expected here."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            f = open(self.path, "rb", buffering=0)
         except OSError:
             return
-        try:
-            for _, length, offset in self.ranges:
-                for at in range(offset, offset + length, READ_CHUNK):
-                    try:
-                        os.pread(fd, min(READ_CHUNK, offset + length - at), at)
-                    except OSError:
-                        continue
-        finally:
-            os.close(fd)
+        with f:
+            for at, want in self._chunks(os.fstat(f.fileno()).st_size):
+                try:
+                    os.pread(f.fileno(), want, at)
+                except OSError:
+                    continue
+
+    def _chunks(self, size: int) -> Iterator[tuple[int, int]]:
+        """(offset, length) of the ranges in READ_CHUNK pieces, clipped to a file of `size` bytes."""
+        for _, length, offset in self.ranges:
+            end = min(offset + length, size)
+            for at in range(offset, end, READ_CHUNK):
+                yield at, min(READ_CHUNK, end - at)
 
     def page_out(self) -> None:
         libc = _madvise_fn()

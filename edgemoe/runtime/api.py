@@ -85,8 +85,8 @@ class ChatSession:
         self.bundle = Bundle.open(bundle_path)
         manifest = self.bundle.manifest
         self.config = manifest.model_config()
-        family = manifest.tokenizer.get("family", self.config.family)
-        self.tokenizer: Tokenizer = load_tokenizer(self.bundle.root / "tokenizer", family)
+        self.family = manifest.tokenizer.get("family", self.config.family)
+        self.tokenizer: Tokenizer = load_tokenizer(self.bundle.root / "tokenizer", self.family)
         self.logit_limit = int(manifest.tokenizer.get("len_tokenizer", len(self.tokenizer)))
         eos = manifest.tokenizer.get("eos_token_id", self.tokenizer.eos_token_id)
         self.stop_ids = () if eos is None else (int(eos),)
@@ -111,8 +111,7 @@ class ChatSession:
 
     def new_conversation(self) -> Conversation:
         """An empty conversation in this bundle's template (with the options' system prompt)."""
-        family = self.bundle.manifest.tokenizer.get("family", self.config.family)
-        return Conversation.for_family(family).with_system(self.options.system)
+        return Conversation.for_family(self.family).with_system(self.options.system)
 
     @property
     def max_images(self) -> int | None:
@@ -176,8 +175,8 @@ class ChatSession:
         self._check_image_count(len(images))
         self.images = list(images)
         ids = conversation.encode(self.tokenizer)
+        positions = len(splice_positions(ids, self.image_tokens))  # the images' encoding counts in TTFT
         if self.engine is None:
-            positions = len(splice_positions(ids, self.image_tokens))  # the images' encoding counts in TTFT
             set_up = time.monotonic()
             self.start(positions)
             t0 += time.monotonic() - set_up  # one-off set-up is load_s, not time to first token
@@ -186,7 +185,7 @@ class ChatSession:
         engine = self.engine
         limit = max_tokens or self.options.max_tokens
         if self._live is not None:
-            self._live.fit_prompt(len(splice_positions(ids, self.image_tokens)), limit)
+            self._live.fit_prompt(positions, limit)
         before = CounterSnapshot.take(self.provider, engine.moe.predictions, self.bundle.hash_seconds)
         with RssSampler() as rss:
             return self._generate(engine, ids, limit, _Emitter(on_text, on_token),
@@ -219,8 +218,7 @@ class ChatSession:
             if self.memory_budget is not None:  # the tower leaves the process until the next image
                 self._vision_bytes = max(self._vision_bytes, close_vision(self.trunk))
                 if self._live is not None:
-                    self._live.vision_bytes = self._vision_bytes
-                    self._live.vision_closed()
+                    self._live.vision_closed(self._vision_bytes)
         self._features = {key: self._features[key] for key in keys}  # forget images no longer asked about
         return [self._features[key] for key in keys]
 

@@ -15,11 +15,12 @@ are resident, and they count in RSS like any mapped page.
 from __future__ import annotations
 
 import mmap
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from edgemoe.page_cache import will_need
 
 _DTYPES = {10: np.float16, 1: np.float32}  # onnx.TensorProto.FLOAT16, FLOAT
 # Field numbers (onnx.proto): ModelProto.graph 7; GraphProto node 1, initializer 5, input 11;
@@ -54,18 +55,11 @@ class MappedEmbedding:
         return np.asarray(self.table[ids], dtype=np.float32)
 
     def _prefetch(self, ids: np.ndarray) -> None:
-        """Ask for every row a prompt needs at once (POSIX_FADV_WILLNEED: the reads go out together
-        instead of one page fault at a time, which MADV_RANDOM makes a 4 KiB read each)."""
-        if not hasattr(os, "posix_fadvise"):
-            return
+        """Ask for every row a prompt needs at once (the reads go out together instead of one page
+        fault at a time, which MADV_RANDOM makes a 4 KiB read each)."""
         row = self.table.shape[1] * self.table.dtype.itemsize
         valid = ids[(ids >= 0) & (ids < self.table.shape[0])]
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for i in valid.tolist():
-                os.posix_fadvise(fd, self.offset + i * row, row, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+        will_need(self.path, [(self.offset + i * row, row) for i in valid.tolist()])
 
 
 def _table(data: memoryview) -> tuple[int, type, int, int] | None:

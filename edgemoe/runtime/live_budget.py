@@ -57,7 +57,9 @@ class LiveBudget:
         """Room for the vision tower before it opens again."""
         self._apply(self.engine.cache.nbytes, self.vision_bytes)
 
-    def vision_closed(self) -> None:
+    def vision_closed(self, vision_bytes: int) -> None:
+        """The tower closed again; `vision_bytes` is what closing it gives back (the largest measured)."""
+        self.vision_bytes = vision_bytes
         self._apply(self.engine.cache.nbytes, 0)
 
     def _apply(self, kv_bytes: int, extra: int) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from edgemoe.errors import EdgeMoEError
 from edgemoe.model.routing_rule import Routing, RoutingRule, deepspeed_top_k, select
 from edgemoe.model.safetensors_io import SafetensorsFile
+from edgemoe.page_cache import drop_cached
 
 def route(m: np.ndarray, weight: np.ndarray, rule: RoutingRule | int, bias: np.ndarray | None = None) -> Routing:
     """m [N, H] (the MoE input), router weight [E, H] -> Routing; an int rule means MoE-LLaVA's top-k."""
@@ -50,6 +51,7 @@ class Routers:
                   if f"layers.{n}.router.bias" in f.infos}
         if rule is not None and rule.uses_bias and len(biases) != len(layers):
             raise EdgeMoEError(f"{path} lacks the e_score_correction_bias that {rule.method} routing needs")
+        drop_cached(path)  # copied into the arrays above: keep none of the file cached (footprint)
         return cls(weights, rule, biases)
 
     def __getitem__(self, layer: int) -> np.ndarray:
