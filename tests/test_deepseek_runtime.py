@@ -110,13 +110,6 @@ def test_chat_reuses_the_image_prefix_and_answers_like_a_fresh_prompt(tiny) -> N
     assert first.stats.image_tokens > 0 and len(second.token_ids) == 4
 
 
-def test_small_checkpoint_export_is_refused_in_one_line(tmp_path, deepseek_checkpoints) -> None:
-    result = edgemoe_cli("export", str(deepseek_checkpoints["small"]), "-o", str(tmp_path / "b"))
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "multi-head latent attention" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "b").exists()
-
-
 def test_an_image_too_large_to_tile_is_refused_in_one_line(tiny, tmp_path) -> None:
     big = tmp_path / "big.png"
     Image.new("RGB", (9000, 8000), (10, 20, 30)).save(big)  # 72 Mpx: past the decompression limit

@@ -93,7 +93,7 @@ def _run_bundle(bundle: Bundle, cfg: ModelConfig, pixels: np.ndarray, ids: list[
     routers = safetensors.numpy.load_file(str(bundle.root / "routers.safetensors"))
     for n in range(cfg.num_layers):
         inputs[f"layer{n}.attn"] = x
-        out = run_attention(_sess(bundle, f"graphs/layer{n}.attn.onnx"), x[None], cfg.num_kv_heads, cfg.head_dim)
+        out = run_attention(_sess(bundle, f"graphs/layer{n}.attn.onnx"), x[None], cfg.kv_layout)
         h, m = out["h"][0], out["m"][0]
         inputs[f"layer{n}.ffn"] = m
         if cfg.moe.is_moe(n):
@@ -144,7 +144,7 @@ def test_every_fp32_graph_read_back_equals_its_reference_component(bundles, refe
         for n, layer in enumerate(reference.layers):
             x, m = inputs[f"layer{n}.attn"], inputs[f"layer{n}.ffn"]
             h_want, m_want, _, _ = layer.attention_block(t(x)[None], torch.arange(len(x))[None])
-            got = run_attention(_sess(bundle, f"graphs/layer{n}.attn.onnx"), x[None], cfg.num_kv_heads, cfg.head_dim)
+            got = run_attention(_sess(bundle, f"graphs/layer{n}.attn.onnx"), x[None], cfg.kv_layout)
             FP32.check(got["h"], h_want.numpy(), f"layer{n}.attn h")
             FP32.check(got["m"], m_want.numpy(), f"layer{n}.attn m")
             modules = ({f"experts/L{n}/E{e}.onnx": ex for e, ex in enumerate(layer.moe.experts)} if layer.is_moe

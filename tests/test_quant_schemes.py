@@ -12,7 +12,7 @@ from edgemoe.quant.schemes import TOLERANCES, Precision, QuantError, Scheme, Tol
 def test_defaults_are_the_fast_cpu_formats() -> None:
     int4 = Scheme.default("int4")
     assert (int4.block_size, int4.symmetric, int4.accuracy_level, int4.target) == (128, True, 4, "cpu")
-    assert int4.label == "int4-b128-sym-acc4@cpu" and Scheme.default("int8").label == "int8-pc@cpu"
+    assert int4.label == "int4-b128-sym-acc4@cpu" and Scheme.default("int8").label == "int8-pc-rr@cpu"
     assert QuantError.__mro__[1] is EdgeMoEError
 
 

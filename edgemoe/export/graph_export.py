@@ -32,10 +32,10 @@ import torch
 
 from edgemoe.bundle import BundleWriter
 from edgemoe.bundle.writer import declared
-from edgemoe.errors import EdgeMoEError
 from edgemoe.export import components, validation
 from edgemoe.export.calibration import CalibrationSample
 from edgemoe.export.expert_graphs import ExpertGraphs, cpu_session
+from edgemoe.export.latent_attention_graph import build_latent_attention
 from edgemoe.export.memory import trim
 from edgemoe.export.options import PrecisionPlan
 from edgemoe.export.trunk_graphs import build_attention, build_dense_mlp, build_embed, build_head, build_projector
@@ -79,9 +79,6 @@ class GraphExporter:
                  graphs: ExpertGraphs, sample: CalibrationSample, step: Step | None = None) -> None:
         if sample.pixels is None or IMAGE_TOKEN_INDEX not in sample.ids:
             raise ValueError("graph validation needs an image prompt (the vision tower and projector run on it)")
-        if ckpt.config.mla is not None:
-            raise EdgeMoEError("exporting multi-head latent attention (DeepSeek-VL2-Small) is not supported yet; "
-                               "DeepSeek-VL2-Tiny (MHA) exports")
         self.ckpt, self.cfg, self.writer, self.plan = ckpt, ckpt.config, writer, plan
         self.experts, self.graphs, self.sample = experts, graphs, sample
         self.step = step or (lambda name: None)
@@ -191,10 +188,11 @@ class GraphExporter:
         pos = torch.arange(x.shape[0])[None]
         h, m, _, _ = layer.attention_block(torch.from_numpy(x)[None], pos)  # [1, S, H] each
         scheme, cfg = self.plan.trunk, self.cfg
+        build = build_attention if cfg.mla is None else build_latent_attention
         self._trunk(f"layer{n}.attn", "attention", scheme,
-                    lambda: build_attention(cfg, components.LazyTensors(self.ckpt, f"layers.{n}.",
-                                                                        lambda k: k.startswith(_ATTN_PARTS)), scheme),
-                    lambda s: validation.run_attention(s, x[None], cfg.num_kv_heads, cfg.head_dim),
+                    lambda: build(cfg, components.LazyTensors(self.ckpt, f"layers.{n}.",
+                                                              lambda k: k.startswith(_ATTN_PARTS)), scheme),
+                    lambda s: validation.run_attention(s, x[None], cfg.kv_layout),
                     {"h": h.numpy(), "m": m.numpy()}, layer=n)
         m2 = m[0]
         if layer.is_moe:

@@ -53,7 +53,7 @@ def rotary_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
 
 # -- attention --------------------------------------------------------------------------------
 
-def _rotary_tables(b: GraphBuilder, cfg: ModelConfig, position_ids: str) -> tuple[str, str]:
+def rotary_tables(b: GraphBuilder, cfg: ModelConfig, position_ids: str) -> tuple[str, str]:
     """cos, sin [1, S, 1, R/2] of positions * inv_freq, in fp32 as the reference."""
     pos = b.op("Cast", [position_ids], "rope_pos", to=F32)
     pos = b.op("Reshape", [pos, b.ints("rope.pos_shape", [1, -1, 1, 1])], "rope_pos4")
@@ -62,10 +62,10 @@ def _rotary_tables(b: GraphBuilder, cfg: ModelConfig, position_ids: str) -> tupl
     return b.op("Cos", [freqs], "rope_cos"), b.op("Sin", [freqs], "rope_sin")
 
 
-def _apply_rotary(b: GraphBuilder, cfg: ModelConfig, t: str, heads: int, cos: str, sin: str, name: str) -> str:
-    """[1, S, heads*D] -> same, rotating (x1, x2) = the two halves of each head's first R dims:
-    (x1 cos - x2 sin, x2 cos + x1 sin), the rest passing through (reference apply_rotary)."""
-    d, half = cfg.head_dim, cfg.rotary_dim // 2
+def apply_rotary(b: GraphBuilder, t: str, heads: int, d: int, rotary_dim: int, cos: str, sin: str, name: str) -> str:
+    """[1, S, heads*d] -> same, rotating (x1, x2) = the two halves of each head's first `rotary_dim`
+    dims: (x1 cos - x2 sin, x2 cos + x1 sin), the rest passing through (reference apply_rotary)."""
+    half = rotary_dim // 2
     t4 = b.op("Reshape", [t, b.ints(f"{name}.shape4", [0, 0, heads, d])], f"{name}_heads")
     sizes = [half, half] + ([d - 2 * half] if d > 2 * half else [])
     parts = b.op_multi("Split", [t4, b.ints(f"{name}.split", sizes)], [f"{name}_x{i}" for i in range(len(sizes))],
@@ -111,8 +111,9 @@ def build_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Schem
     qkv = b.linear(n, "attn.qkv", qkv_w, qkv_b)
     q, k, v = b.op_multi("Split", [qkv, b.ints("attn.qkv_split", [nh * d, kvh * d, kvh * d])], ["q", "k", "v"],
                          axis=-1)
-    cos, sin = _rotary_tables(b, cfg, pos)
-    q, k = _apply_rotary(b, cfg, q, nh, cos, sin, "q"), _apply_rotary(b, cfg, k, kvh, cos, sin, "k")
+    cos, sin = rotary_tables(b, cfg, pos)
+    q = apply_rotary(b, q, nh, d, cfg.rotary_dim, cos, sin, "q")
+    k = apply_rotary(b, k, kvh, d, cfg.rotary_dim, cos, sin, "k")
     attn, _, _ = b.op_multi("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total],
                             ["attn", "present_key", "present_value"], domain=MS_DOMAIN, num_heads=nh,
                             kv_num_heads=kvh, scale=1.0 / math.sqrt(d), do_rotary=0)

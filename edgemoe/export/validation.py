@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from edgemoe.bundle import Validation
 from edgemoe.errors import EdgeMoEError
+from edgemoe.model.config import KVLayout
 from edgemoe.quant.schemes import Precision, Tolerance, TOLERANCES
 
 
@@ -107,16 +108,18 @@ def _cache_length(sess: ort.InferenceSession, needed: int) -> int:
     return dims[2] if isinstance(dims[2], int) else needed
 
 
-def run_attention(sess: ort.InferenceSession, x: np.ndarray, kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
+def run_attention(sess: ort.InferenceSession, x: np.ndarray, layout: KVLayout) -> dict[str, np.ndarray]:
     """h and m [1, S, H] of an attention graph on x [1, S, H]: prefill S-1 tokens, then decode one.
 
-    One zeroed buffer per cache is bound as past_X and present_X (in place, as the runtime binds it)."""
+    One zeroed buffer per cache is bound as past_X and present_X (in place, as the runtime binds it);
+    a shared layout (MLA's latent) binds one buffer to all four, as the runtime does."""
     s = x.shape[1]
     max_len = _cache_length(sess, s)
     if max_len < s:
         raise GraphValidationError(f"attention cache holds {max_len} positions, the validation sequence {s}")
-    caches = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, max_len, head_dim), np.float32))
-              for name in ("key", "value")}
+    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, layout.heads, max_len, layout.dim), np.float32))
+               for _ in range(1 if layout.shared else 2)]
+    caches = {"key": buffers[0], "value": buffers[-1]}
     steps = [(0, s - 1), (s - 1, s)] if s > 1 else [(0, s)]
     outs: dict[str, list[np.ndarray]] = {"h": [], "m": []}
     for start, stop in steps:

@@ -67,6 +67,21 @@ class MLAConfig:
 
 
 @dataclass(frozen=True)
+class KVLayout:
+    """What the KV cache holds per layer and position: `heads` x `dim` values for keys, the same for
+    values unless `shared` (MLA caches one latent [c | k_pe] that serves as both key and value)."""
+
+    heads: int
+    dim: int
+    shared: bool = False
+
+    @property
+    def values_per_position(self) -> int:
+        """Cached values per position per layer."""
+        return self.heads * self.dim * (1 if self.shared else 2)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Family-neutral description of a MoE-LLaVA model (the LLM, projector and tower choice)."""
 
@@ -115,6 +130,20 @@ class ModelConfig:
     @property
     def expert_intermediate_size(self) -> int:
         return self.moe.expert_intermediate or self.intermediate_size
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        """The runtime's cache: GQA keys and values, or MLA's latent plus rope key, once."""
+        if self.mla is None:
+            return KVLayout(self.num_kv_heads, self.head_dim)
+        return KVLayout(1, self.mla.kv_lora_rank + self.mla.qk_rope_head_dim, shared=True)
+
+    @property
+    def expanded_kv_values(self) -> int:
+        """Values per position per layer that plain multi-head attention would cache (keys + values)."""
+        if self.mla is None:
+            return 2 * self.num_kv_heads * self.head_dim
+        return self.num_heads * (self.mla.q_head_dim + self.mla.v_head_dim)
 
     @property
     def dense_layers(self) -> tuple[int, ...]:

@@ -1,7 +1,8 @@
 """A preallocated KV cache the attention graphs update in place.
 
 Contract: one C-contiguous float32 buffer [1, KVH, MAX, D] for keys and one for values per decoder
-layer, allocated once. The attention graph takes the buffer as past_key and writes its new rows
+layer, allocated once; a shared layout (MLA's latent [c | k_pe], `KVLayout.shared`) has one buffer
+per layer that is both (`values[n] is keys[n]`), so it costs KVH x D values a position. The attention graph takes the buffer as past_key and writes its new rows
 into the same memory as present_key (IOBinding, see `trunk.Trunk.attention`), so a decoded token
 copies nothing: rows 0..length-1 hold the context, rows past it are scratch. `length` is the
 number of valid rows; `truncate(n)` forgets rows (multi-turn reuse keeps a common prefix) and
@@ -15,24 +16,31 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from edgemoe.model.config import KVLayout
+
 
 class KVCache:
     """Per-layer key and value buffers plus the number of valid positions."""
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int) -> None:
+    def __init__(self, num_layers: int, layout: KVLayout, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"KV cache capacity must be positive, got {capacity}")
-        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.num_layers, self.layout = num_layers, layout
         self.length = 0
         self._alloc(capacity)
 
     def _alloc(self, capacity: int) -> None:
-        shape = (1, self.kv_heads, capacity, self.head_dim)
+        shape = (1, self.layout.heads, capacity, self.layout.dim)
         self.keys = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
-        self.values = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
+        self.values = self.keys if self.layout.shared else [np.zeros(shape, np.float32)
+                                                              for _ in range(self.num_layers)]
         # OrtValues wrapping (not copying) the numpy buffers: bound as both past_X and present_X.
         self.ort_keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.keys]
-        self.ort_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.values]
+        self.ort_values = self.ort_keys if self.layout.shared else [ort.OrtValue.ortvalue_from_numpy(a)
+                                                                     for a in self.values]
+
+    def _buffers(self) -> list[np.ndarray]:
+        return self.keys if self.layout.shared else self.keys + self.values
 
     @property
     def capacity(self) -> int:
@@ -40,7 +48,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+        return sum(a.nbytes for a in self._buffers())
 
     def room(self) -> int:
         return self.capacity - self.length
@@ -49,10 +57,10 @@ class KVCache:
         """Make room for `capacity` positions, keeping the valid rows (one copy, only when growing)."""
         if capacity <= self.capacity:
             return
-        old_k, old_v, n = self.keys, self.values, self.length
+        old, n = self._buffers(), self.length
         self._alloc(capacity)
-        for new, old in zip(self.keys + self.values, old_k + old_v):
-            new[:, :, :n] = old[:, :, :n]
+        for new, was in zip(self._buffers(), old):
+            new[:, :, :n] = was[:, :, :n]
 
     def truncate(self, length: int) -> None:
         """Keep only the first `length` positions (the rest become scratch)."""

@@ -129,12 +129,12 @@ class Trunk:
         self.mlp = {n: load(f"layer{n}.mlp") for n in cfg.dense_layers}
 
     def _check_cache_shape(self) -> None:
-        cfg = self.config
+        layout = self.config.kv_layout
         for n, sess in enumerate(self.attn):
             shape = next(i.shape for i in sess.get_inputs() if i.name == "past_key")
-            if shape[1] != cfg.num_kv_heads or shape[3] != cfg.head_dim:
+            if shape[1] != layout.heads or shape[3] != layout.dim:
                 raise RuntimeGraphError(f"graph layer{n}.attn has a cache of shape {shape}, expected "
-                                       f"[1, {cfg.num_kv_heads}, MAX, {cfg.head_dim}]")
+                                       f"[1, {layout.heads}, MAX, {layout.dim}]")
             if isinstance(shape[2], int):
                 raise RuntimeGraphError(f"graph layer{n}.attn fixes the cache length at {shape[2]}; "
                                        "this runtime sizes it per request (re-export the bundle)")
@@ -157,7 +157,7 @@ class Trunk:
 
     def new_cache(self, capacity: int) -> KVCache:
         cfg = self.config
-        return KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity)
+        return KVCache(cfg.num_layers, cfg.kv_layout, capacity)
 
     # -- graphs -----------------------------------------------------------------------------------
 

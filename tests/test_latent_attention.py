@@ -1,0 +1,160 @@
+"""DeepSeek-VL2-Small's multi-head latent attention: the exported graph against the reference, the latent
+KV cache it writes, and the Small bundle end to end (token-exact with the reference, offloaded == resident).
+
+The graph computes in the absorbed form over a cache of [c | k_pe] (576 values a position at full size);
+the reference (`edgemoe.reference.mla`, itself checked against transformers' DeepseekV2Attention in
+test_reference_deepseek.py) computes in the expanded form. Run as the runtime runs it: ONE buffer per
+layer bound to past_key, past_value, present_key and present_value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgemoe.bundle import Bundle
+from edgemoe.export import components
+from edgemoe.export.latent_attention_graph import build_latent_attention
+from edgemoe.export.onnx_ops import io_signature, session
+from edgemoe.export.options import ExportOptions
+from edgemoe.export.pipeline import export_bundle
+from edgemoe.families.deepseek_vl2_files import config_json
+from edgemoe.model.checkpoint import Checkpoint
+from edgemoe.model.config import parse_config
+from edgemoe.model.create import create_checkpoint
+from edgemoe.quant.lowering import QUANTIZED_OPS
+from edgemoe.quant.schemes import Precision, Scheme
+from edgemoe.reference import ReferenceModel
+from edgemoe.reference.generate import greedy_generate
+from edgemoe.runtime import ask
+from edgemoe.runtime.kv_cache import KVCache
+from test_runtime_fixtures import image_input, one_expert_bytes, prompt_ids, run_engine, tiny  # noqa: F401
+
+SCHEMES = [Scheme.default(p) for p in (Precision.FP32, Precision.INT8, Precision.INT4)]
+STEPS = (5, 1, 1, 3)  # prefill, decode, decode, a later chunk
+MAX = 16
+LAYER = 1
+ROPE_OFFSET = 600
+QUESTION = "What is in the image?"
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A tiny Small-shaped (MLA) checkpoint, its reference model, and fp32 + int4 bundles."""
+    root = tmp_path_factory.mktemp("small")
+    ckpt_dir = create_checkpoint(root / "ckpt", "deepseek-vl2-small", "tiny").path
+    for precision in ("fp32", "int4"):
+        export_bundle(ckpt_dir, root / precision, ExportOptions(precision=precision))
+    ckpt = Checkpoint.open(ckpt_dir)
+    return ckpt_dir, ckpt, ReferenceModel.from_checkpoint(ckpt), root
+
+
+def _layer_tensors(ckpt: Checkpoint, n: int) -> dict[str, np.ndarray]:
+    return components.weights(ckpt, f"layers.{n}.", lambda k: k.startswith(("attn_norm.", "attn.", "mlp_norm.")))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label)
+def test_latent_attention_matches_the_reference_in_one_shared_cache(small, scheme: Scheme) -> None:
+    _, ckpt, ref, _ = small
+    cfg, m = ckpt.config, ckpt.config.mla
+    model = build_latent_attention(cfg, _layer_tensors(ckpt, LAYER), scheme)
+    if scheme.precision.is_integer:  # q|kv_a fused, o, and W_uk / W_uv per head
+        assert sum(n.op_type in QUANTIZED_OPS[scheme.precision] for n in model.graph.node) == 2 + 2 * cfg.num_heads
+    sess = session(model)
+    layer, rng = ref.layers[LAYER], np.random.default_rng(1)
+    width = m.kv_lora_rank + m.qk_rope_head_dim
+    cache = np.full((1, 1, MAX, width), np.nan, np.float32)  # NaN past the filled rows: never read
+    value = ort.OrtValue.ortvalue_from_numpy(cache)
+    past_c = past_pe = None
+    total = 0
+    tol = 1e-4 if scheme.precision is Precision.FP32 else None
+    for n in STEPS:
+        x = rng.standard_normal((1, n, cfg.hidden_size)).astype(np.float32)
+        pos = np.arange(ROPE_OFFSET + total, ROPE_OFFSET + total + n, dtype=np.int64)
+        total += n
+        with torch.no_grad():
+            h, mlp_in, c, pe = layer.attention_block(torch.from_numpy(x), torch.from_numpy(pos)[None], past_c, past_pe)
+        past_c = c if past_c is None else torch.cat((past_c, c), dim=2)
+        past_pe = pe if past_pe is None else torch.cat((past_pe, pe), dim=2)
+        binding = sess.io_binding()
+        binding.bind_cpu_input("x", x)
+        binding.bind_cpu_input("position_ids", pos)
+        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        binding.bind_cpu_input("total_len", np.array(total, np.int32))
+        binding.bind_output("h", "cpu")  # first: get_outputs() lists outputs in binding order
+        binding.bind_output("m", "cpu")
+        for name in ("past_key", "past_value"):
+            binding.bind_ortvalue_input(name, value)
+        for name in ("present_key", "present_value"):
+            binding.bind_ortvalue_output(name, value)
+        sess.run_with_iobinding(binding)
+        got_h, got_m = (o.numpy() for o in binding.get_outputs()[:2])
+        want_cache = torch.cat((past_c, past_pe), dim=-1).numpy()  # [1, 1, total, R + P]
+        what = f"{scheme.label} after {total} tokens"
+        for got, want, part in ((got_h - x, h.numpy() - x, "h - x"), (got_m, mlp_in.numpy(), "m"),
+                                (cache[:, :, :total], want_cache, "latent cache")):
+            if tol is not None:
+                assert float(np.abs(got - want).max()) < tol, f"{what}: {part}"
+            else:
+                scheme.tolerance.check(got, want, f"{what}: {part}")
+        assert np.isnan(cache[:, :, total:]).all()  # written in place, and only rows < total
+
+
+def test_latent_attention_signature_caches_the_latent_once(small) -> None:
+    _, ckpt, _, _ = small
+    cfg = ckpt.config
+    inputs, outputs = io_signature(build_latent_attention(cfg, _layer_tensors(ckpt, LAYER), SCHEMES[0],
+                                                          max_positions=64))
+    width = str(cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)
+    cache = ("1", "1", "64", width)
+    assert [i.shape for i in inputs if i.name.startswith("past_")] == [cache, cache]
+    assert [o.shape for o in outputs if o.name.startswith("present_")] == [cache, cache]
+
+
+def test_the_runtime_cache_holds_576_values_a_position_at_full_small_size(tmp_path) -> None:
+    cfg = parse_config(config_json("small", "full"))
+    assert cfg.kv_layout.values_per_position == 576 and cfg.expanded_kv_values == 16 * (192 + 128)
+    cache = KVCache(cfg.num_layers, cfg.kv_layout, capacity=10)
+    assert cache.values[0] is cache.keys[0]
+    assert cache.nbytes == cfg.num_layers * 576 * 4 * 10  # 62,208 B a position in fp32
+    cache.length = 3
+    cache.keys[5][0, 0, :3] = 7.0
+    cache.reserve(20)  # growing keeps the rows and the sharing
+    assert cache.values[5] is cache.keys[5] and (cache.keys[5][0, 0, :3] == 7.0).all()
+    assert cache.nbytes == cfg.num_layers * 576 * 4 * 20
+
+
+def _reference_tokens(small, image, tokens: int) -> list[int]:
+    _, _, model, root = small
+    bundle = root / "fp32"
+    manifest = Bundle.open(bundle).manifest
+    with torch.no_grad():
+        features = model.encode(image_input(bundle, image))
+    result = greedy_generate(model, model.embed(prompt_ids(bundle, QUESTION), [features]).embeds, tokens,
+                             [manifest.tokenizer["eos_token_id"]], manifest.tokenizer["len_tokenizer"])
+    return list(result.token_ids)
+
+
+def test_small_fp32_bundle_is_token_exact_with_the_reference_resident_and_offloaded(small, tiny) -> None:
+    _, _, _, root = small
+    bundle = root / "fp32"
+    want = _reference_tokens(small, tiny.image, 12)
+    layers = len(Bundle.open(bundle).manifest.model_config().moe.layers)
+    budget = int(1.5 * layers * one_expert_bytes(bundle))
+    resident = ask(bundle, QUESTION, tiny.image, max_tokens=12)
+    offloaded = ask(bundle, QUESTION, tiny.image, max_tokens=12, expert_budget=budget)
+    assert list(resident.token_ids) == list(offloaded.token_ids) == want
+    assert offloaded.stats.cache_misses > 0
+
+
+def test_small_int4_offloaded_equals_resident(small, tiny) -> None:
+    _, _, _, root = small
+    bundle = root / "int4"
+    want_tokens, want_logits, _ = run_engine(bundle, tiny.image, None, max_tokens=8, store="sessions")
+    one = one_expert_bytes(bundle)
+    for experts in (6, 1):
+        tokens, logits, stats = run_engine(bundle, tiny.image, experts * one, max_tokens=8)
+        assert tokens == want_tokens and all(np.array_equal(g, w) for g, w in zip(logits, want_logits))
+        assert stats.cache.misses > 0
