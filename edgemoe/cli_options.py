@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, List, Mapping, Optio
 import typer
 
 from edgemoe.offload.policies import DEFAULT_POLICY
+from edgemoe.offload.prefetcher import DEFAULT_LOADERS
 
 if TYPE_CHECKING:
     from edgemoe.runtime import GenerationOptions
@@ -56,6 +57,8 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
                                                         "auto (mapped where possible)."),
     "lookahead": Flag(int, 1, "--lookahead", "MoE layers ahead whose predicted experts are paged in while the "
                                              "current one computes (more: earlier, but less sure)."),
+    "loaders": Flag(int, DEFAULT_LOADERS, "--loaders", "Background threads paging experts in under a budget "
+                                                       "(several keep several disk reads in flight)."),
     "threads": Flag(Optional[int], None, "--threads", "CPU threads per ONNX Runtime session (default: the cores "
                                                       "this process may use)."),
     "ctx_size": Flag(Optional[int], None, "--ctx-size", "Context positions (prompt, image and answers; default: "
@@ -71,7 +74,7 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
 }
 # The flags that are GenerationOptions fields.
 GENERATION_FIELDS = ("max_tokens", "memory_budget", "expert_budget", "policy", "temperature", "top_p", "seed",
-                     "expert_store", "top_k", "min_p", "repeat_penalty", "system", "threads", "ctx_size", "lookahead")
+                     "expert_store", "top_k", "min_p", "repeat_penalty", "system", "threads", "ctx_size", "lookahead", "loaders")
 
 
 def generation_flags(*, without: tuple[str, ...] = (), **helps: str) -> Callable[[F], F]:

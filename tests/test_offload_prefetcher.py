@@ -21,7 +21,7 @@ def store() -> FakeStore:
 
 def make(store: FakeStore, capacity: int = 40) -> tuple[ExpertCache, Prefetcher, FakeClock]:
     cache, clock = ExpertCache(capacity), FakeClock()
-    return cache, Prefetcher(store, cache, clock), clock
+    return cache, Prefetcher(store, cache, clock, workers=1), clock
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_prefetched_key_becomes_a_hit(store: FakeStore, parts) -> None:
     assert cache.get(K0) is not None and cache.get(K1) is not None
     s = cache.stats()
     assert (s.hits, s.misses) == (2, 0)
-    assert store.threads == ["edgemoe-prefetch"] * 2
+    assert store.threads == ["edgemoe-prefetch-0"] * 2
     assert prefetcher.stats().prefetched == 2 and cache.pinned() == ()  # hints are pinned only while loading
 
 
@@ -186,8 +186,9 @@ def test_close_does_not_hang_with_loads_pending(store: FakeStore) -> None:
     assert store.started[K0].wait(PATIENCE)
     assert prefetcher.close(timeout=0) is False  # returns at once, the thread is mid-load
     gate.set()
-    prefetcher._thread.join(PATIENCE)
-    assert not prefetcher._thread.is_alive()
+    for thread in prefetcher._threads:
+        thread.join(PATIENCE)
+    assert not any(t.is_alive() for t in prefetcher._threads)
     assert store.loads == [K0] and cache.resident() == () and cache.stats().used_bytes == 0
     with pytest.raises(OffloadError, match="prefetcher is closed"):
         prefetcher.wait(K1)
@@ -197,3 +198,24 @@ def test_close_does_not_hang_with_loads_pending(store: FakeStore) -> None:
 def test_close_when_idle_joins_at_once(store: FakeStore) -> None:
     _, prefetcher, _ = make(store)
     assert prefetcher.close(PATIENCE) is True
+
+
+def test_two_workers_keep_two_loads_in_flight(store: FakeStore) -> None:
+    cache = ExpertCache(40)
+    prefetcher = Prefetcher(store, cache, FakeClock(), workers=2)
+    gates = [store.gate(K0), store.gate(K1)]
+    try:
+        assert prefetcher.request([K0, K1, K2]) == 3
+        # Both gated loads start before either ends: two threads, two reads in flight.
+        assert store.started[K0].wait(PATIENCE) and store.started[K1].wait(PATIENCE)
+        assert not prefetcher.join_idle(0)
+        for gate in gates:
+            gate.set()
+        assert prefetcher.join_idle(PATIENCE)
+        assert sorted(cache.resident()) == [K0, K1, K2] and prefetcher.stats().prefetched == 3
+        assert {t for t in store.threads} == {"edgemoe-prefetch-0", "edgemoe-prefetch-1"}
+        assert cache.stats().used_bytes == 30 and cache.pinned() == ()
+    finally:
+        for gate in gates:
+            gate.set()
+        assert prefetcher.close(PATIENCE)

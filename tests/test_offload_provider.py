@@ -45,7 +45,7 @@ def run(provider, steps, x: np.ndarray) -> list[dict[ExpertKey, np.ndarray]]:
 def offloading(capacity: int, policy: str, store: FakeStore | None = None, predictor=None):
     store = store or FakeStore(SIZES)
     cache = ExpertCache(capacity, policy, moe_layers=LAYERS)
-    return OffloadingProvider(store, cache, Prefetcher(store, cache, FakeClock()), predictor), store
+    return OffloadingProvider(store, cache, Prefetcher(store, cache, FakeClock(), workers=1), predictor), store
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "edgemoe"])

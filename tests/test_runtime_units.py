@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgemoe.model.config import KVLayout
 from edgemoe.errors import EdgeMoEError
 from edgemoe.keys import ExpertKey
 from edgemoe.reference.moe import top_k_gating
@@ -131,7 +132,7 @@ def test_text_stream_never_shows_half_a_character_or_half_the_stop_string() -> N
 
 
 def test_kv_cache_grows_keeping_rows_and_truncates() -> None:
-    cache = KVCache(2, 2, 8, capacity=4)
+    cache = KVCache(2, KVLayout(2, 8), capacity=4)
     cache.keys[1][:, :, :3] = 7.0
     cache.advance(3)
     cache.reserve(16)

@@ -80,6 +80,17 @@ def language_values(raw: dict[str, Any]) -> dict[str, Any]:
     return {**LANGUAGE_DEFAULTS, **{k: v for k, v in given.items() if k in LANGUAGE_DEFAULTS or k in given}}
 
 
+def llamacpp_text_model(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(config.json, tensor-name prefix) of the language model as llama.cpp's converter reads it: DeepSeek-V2
+    (`deepseek2`, multi-head latent attention), whose tensors sit under `language.` in this checkpoint."""
+    lang = language_values(raw)
+    if not lang["use_mla"]:
+        raise ConfigError("llama.cpp reads DeepSeek-VL2-Tiny's MHA language model only as its DeepSeek-OCR "
+                          "variant; the llama.cpp peer takes DeepSeek-VL2-Small (MLA)")
+    return {**lang, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+            "torch_dtype": "bfloat16"}, "language."
+
+
 def _routing(lang: dict[str, Any]) -> RoutingRule:
     method = "greedy" if lang["topk_method"] == "gready" else str(lang["topk_method"])  # DeepSeek's own typo
     try:

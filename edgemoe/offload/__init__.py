@@ -16,6 +16,7 @@ from edgemoe.offload.budget import Budget, ExpertBudget, MemoryBudget, format_by
 from edgemoe.offload.cache import CacheStats, ExpertCache
 from edgemoe.offload.errors import (BudgetError, CacheCapacityError, ExpertLoadError, OffloadError,
                                     OffloadTimeout, PrepareError)
+from edgemoe.offload.prefetcher import DEFAULT_LOADERS
 from edgemoe.offload.policies import DEFAULT_POLICY, POLICIES, EdgeMoEPolicy, EvictionPolicy, LFUPolicy, LRUPolicy, make_policy
 from edgemoe.offload.predictor import (ExpertPredictor, PredictionStats, PredictionSummary, RouterPredictor,
                                        StatisticalPredictor)
@@ -25,7 +26,7 @@ from edgemoe.offload.provider import OffloadingProvider, ProviderStats, Resident
 from edgemoe.offload.store import OnnxExpert, OnnxExpertStore, StoreStats
 
 __all__ = [
-    "DEFAULT_POLICY", "POLICIES", "Budget", "BudgetError", "CacheCapacityError", "CacheStats", "EdgeMoEPolicy", "EvictionPolicy",
+    "DEFAULT_LOADERS", "DEFAULT_POLICY", "POLICIES", "Budget", "BudgetError", "CacheCapacityError", "CacheStats", "EdgeMoEPolicy", "EvictionPolicy",
     "ExpertBudget", "ExpertCache", "ExpertLoadError", "ExpertPredictor", "ExpertProvider", "ExpertRunner",
     "ExpertStore", "LFUPolicy", "LRUPolicy", "MemoryBudget", "OffloadError", "OffloadTimeout",
     "OffloadingProvider", "OnnxExpert", "OnnxExpertStore", "PredictionStats", "PredictionSummary", "PrepareError",

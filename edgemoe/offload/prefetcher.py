@@ -1,4 +1,4 @@
-"""Prefetcher: one background thread that pages experts into the cache ahead of need.
+"""Prefetcher: background threads that page experts into the cache ahead of need.
 
 Contract: `request(keys, step, urgent)` queues loads of keys neither resident nor already queued or
 loading (never two loads of one key). The thread reserves a key's bytes in the cache before loading
@@ -22,8 +22,12 @@ demand load and a prefetch proceed in parallel. If the cache has no room for a d
 releases pins held for later keys (they will be reloaded if still needed), then waits for the load in
 flight to finish, and raises `CacheCapacityError` only when nothing could free room.
 
-`close()` drops queued work, releases held pins and joins the thread with a timeout: a load stuck in
-the store cannot hang shutdown (the thread is a daemon and discards what it finishes after close).
+`workers` threads take jobs from the one queue (DEFAULT_LOADERS). Several keep several experts' reads in
+flight: one thread pages one expert at a time, advise, populate, put, and on a fast disk that leaves
+most of the disk's rate unused (measured: one thread moved about 0.8 GB/s from a 1.95 GB/s disk).
+
+`close()` drops queued work, releases held pins and joins the threads with a timeout: a load stuck in
+the store cannot hang shutdown (the threads are daemons and discard what they finish after close).
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ if TYPE_CHECKING:
     from edgemoe.offload.protocols import ExpertRunner, ExpertStore
 
 log = logging.getLogger(__name__)
+
+# Loader threads: two keep two experts' reads in flight, which is what a laptop SSD or these machines'
+# virtual disks need to approach their sequential rate; more mostly add contention on two cores.
+DEFAULT_LOADERS = 2
 
 
 @dataclass(frozen=True)
@@ -73,25 +81,29 @@ class _Job:
 
 
 class Prefetcher:
-    """Loads experts into `cache` from `store` on one background thread (module docstring)."""
+    """Loads experts into `cache` from `store` on `workers` background threads (module docstring)."""
 
     def __init__(self, store: "ExpertStore", cache: "ExpertCache", clock: Callable[[], float] = time.monotonic,
-                 *, wait_timeout: float | None = 600.0, name: str = "edgemoe-prefetch") -> None:
+                 *, wait_timeout: float | None = 600.0, name: str = "edgemoe-prefetch",
+                 workers: int = DEFAULT_LOADERS) -> None:
+        if workers < 1:
+            raise ValueError(f"a prefetcher needs at least one worker thread, got {workers}")
         self.store, self.cache, self._clock, self.wait_timeout = store, cache, clock, wait_timeout
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._jobs: dict[ExpertKey, _Job] = {}  # queued or loading (on either thread)
         self._held: dict[ExpertKey, int | None] = {}  # urgent loads pinned until wait() takes them
         self._failed: dict[ExpertKey, BaseException] = {}  # background failures not yet reported
-        self._busy: _Job | None = None  # the background thread's current job
+        self._busy: set[_Job] = set()  # the background threads' current jobs
         self._step = 0
         self._closed = False
         self._fresh: set[ExpertKey] = set()  # hinted loads stored and not yet used
         self._counts = dict.fromkeys(("requested", "prefetched", "demand_loads", "dropped_stale", "late",
                                       "dropped_no_room", "failed"), 0)
         self._wait_seconds = self._load_seconds = 0.0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
         # A daemon thread still inside ORT when the interpreter tears down aborts the process
         # ("terminate called without an active exception"): stop it first if nobody closed us.
         atexit.register(self.close)
@@ -257,11 +269,12 @@ class Prefetcher:
                     self._cond.wait()
                 if self._closed:
                     return
-                job = self._busy = self._queue.popleft()
+                job = self._queue.popleft()
                 job.state = "loading"
+                self._busy.add(job)
             self._load(job)
             with self._cond:
-                self._busy = None
+                self._busy.discard(job)
                 self._cond.notify_all()
 
     def _load(self, job: _Job) -> None:
@@ -334,16 +347,20 @@ class Prefetcher:
                 self._finish(self._queue.popleft(), "dropped")
             self._release_holds(lambda s: True)
             self._cond.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("prefetch thread still loading after %.1f s; leaving it to finish as a daemon", timeout)
-        return not self._thread.is_alive()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if threading.current_thread() is not thread:
+                thread.join(_remaining(deadline))
+        alive = sum(t.is_alive() for t in self._threads)
+        if alive:
+            log.warning("%d prefetch thread(s) still loading after %.1f s; leaving them to finish as daemons",
+                        alive, timeout)
+        return not alive
 
     def join_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is queued or loading in the background (tests, benchmarks); False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and self._busy is None, timeout)
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
 
     def held(self) -> tuple[ExpertKey, ...]:
         with self._cond:

@@ -32,6 +32,7 @@ import numpy as np
 from edgemoe.keys import ExpertKey
 from edgemoe.offload.errors import OffloadError
 from edgemoe.offload.predictor import PredictionStats, PredictionSummary
+from edgemoe.offload.prefetcher import DEFAULT_LOADERS
 from edgemoe.offload.protocols import ExpertRunner, ExpertStore
 
 if TYPE_CHECKING:
@@ -243,7 +244,7 @@ class OffloadingProvider:
     @classmethod
     def from_bundle(cls, bundle: "Bundle", capacity_bytes: int, policy: str = "edgemoe", *,
                     predictor: "ExpertPredictor | None" = None, threads: int | None = None,
-                    store: "ExpertStore | None" = None) -> "OffloadingProvider":
+                    store: "ExpertStore | None" = None, loaders: int = DEFAULT_LOADERS) -> "OffloadingProvider":
         """The usual assembly: process hygiene, a store (ONNX sessions unless one is given), a cache
         trimming the heap after evictions."""
         from edgemoe.offload.cache import ExpertCache
@@ -255,7 +256,7 @@ class OffloadingProvider:
         store = store if store is not None else OnnxExpertStore(bundle, session_factory(threads))
         layers = sorted({k.layer for k in store.keys()})
         cache = ExpertCache(capacity_bytes, policy, moe_layers=layers, on_evict=HeapTrimmer())
-        return cls(store, cache, Prefetcher(store, cache), predictor, moe_layers=layers)
+        return cls(store, cache, Prefetcher(store, cache, workers=loaders), predictor, moe_layers=layers)
 
 
 def _close_store(store: object) -> None:

@@ -287,7 +287,7 @@ class ChatSession:
                                   kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
                                   sizes=resident_sizes(store), fixed_bytes=getattr(store, "session_overhead_bytes", 0),
                                   startup_peak=rss_high_water())
-        provider = make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store)
+        provider = make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store, opts.loaders)
         if self.budget.memory_budget is not None and hasattr(provider, "cache"):
             self._live = LiveBudget(self.budget, self.bundle, provider.cache, engine, self.trunk, self._vision_bytes)
         return provider

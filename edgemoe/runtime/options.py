@@ -17,6 +17,7 @@ import psutil
 from edgemoe.errors import EdgeMoEError
 from edgemoe.offload.budget import format_bytes, parse_size
 from edgemoe.offload.policies import DEFAULT_POLICY, POLICIES
+from edgemoe.offload.prefetcher import DEFAULT_LOADERS
 from edgemoe.runtime.providers import EXPERT_STORES
 from edgemoe.runtime.sampling import Sampler
 
@@ -46,6 +47,7 @@ class GenerationOptions:
     threads: int | None = None  # intra-op threads of every ORT session (None: the cores this process may use)
     ctx_size: int | None = None  # context positions (prompt + answers); None: the model's own
     lookahead: int = 1  # MoE layers ahead whose experts are predicted and paged in (more: earlier, less sure)
+    loaders: int = DEFAULT_LOADERS  # background threads paging experts in (several keep several reads in flight)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -57,6 +59,8 @@ class GenerationOptions:
                                "--expert-store mapped, sessions or auto")
         if self.policy not in POLICIES:
             raise EdgeMoEError(f"unknown eviction policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        if self.loaders < 1:
+            raise EdgeMoEError(f"loaders must be at least 1 thread, got {self.loaders}")
         if self.lookahead < 1:
             raise EdgeMoEError(f"lookahead must be at least 1 MoE layer, got {self.lookahead}")
         if self.threads is not None and self.threads < 1:

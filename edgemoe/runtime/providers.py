@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgemoe.bundle import Bundle
-from edgemoe.offload import DEFAULT_POLICY, POLICIES, OffloadingProvider, OnnxExpertStore, ResidentProvider
+from edgemoe.offload import DEFAULT_LOADERS, DEFAULT_POLICY, POLICIES, OffloadingProvider, OnnxExpertStore, ResidentProvider
 from edgemoe.offload.errors import OffloadError, PrepareError
 from edgemoe.offload.fused import FusedExperts
 from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
@@ -64,7 +64,8 @@ def resident_sizes(store: Any) -> dict | None:
     return None
 
 
-def make_provider(bundle: Bundle, capacity_bytes: int | None, policy: str = DEFAULT_POLICY, store: Any = None) -> Any:
+def make_provider(bundle: Bundle, capacity_bytes: int | None, policy: str = DEFAULT_POLICY, store: Any = None,
+                  loaders: int = DEFAULT_LOADERS) -> Any:
     """A resident provider (capacity None) or an offloading one (module docstring)."""
     if policy not in POLICIES:
         raise OffloadError(f"unknown eviction policy {policy!r}: expected one of {', '.join(POLICIES)}")
@@ -72,7 +73,7 @@ def make_provider(bundle: Bundle, capacity_bytes: int | None, policy: str = DEFA
     store = store if store is not None else OnnxExpertStore(bundle, session_factory())
     if capacity_bytes is None:
         return ResidentProvider(store, store.keys())
-    return OffloadingProvider.from_bundle(bundle, capacity_bytes, policy, store=store)
+    return OffloadingProvider.from_bundle(bundle, capacity_bytes, policy, store=store, loaders=loaders)
 
 
 @dataclass(frozen=True)
