@@ -1,7 +1,7 @@
 """Convert an edgemoe checkpoint's language model to GGUF with llama.cpp's own converter (the peer's input).
 
     python bench/llamacpp_convert.py CHECKPOINT OUT.gguf --llama-root ~/.cache/edgemoe/llama.cpp-0.3.36 \
-        [--outtype q8_0]
+        [--outtype q8_0] [--hf]
 
 Contract: writes OUT.gguf (atomically: OUT.gguf.partial, then renamed) from the checkpoint's text model
 as its family describes it (`families.<family>.llamacpp_text_model`): a Hugging Face config.json for the
@@ -12,6 +12,8 @@ in place, with two adaptations applied to it at import time (not to its files):
     converter already drops vision and projector tensors itself;
   - the pre-tokenizer is named (`deepseek-llm`) instead of recognised by hashing the tokenizer's output:
     generated checkpoints carry a synthetic BPE that no hash list knows, and a speed peer needs none.
+`--hf`: CHECKPOINT is already a Hugging Face text model (bench/mixtral_peer_checkpoint.py writes one) and
+is converted as it is, with only the pre-tokenizer named.
 Then `llama-quantize` turns it into the bench's precision (bench/llamacpp_peer.py does that).
 """
 
@@ -55,17 +57,17 @@ def _patch_converter(llama_dir: Path, prefix: str) -> None:
 
     def filter_tensors(cls, item):
         name, gen = item
-        return original(cls, (name[len(prefix):] if name.startswith(prefix) else name, gen))
+        return original(cls, (name[len(prefix):] if prefix and name.startswith(prefix) else name, gen))
 
     base.ModelBase.filter_tensors = classmethod(filter_tensors)
     base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "deepseek-llm"
 
 
-def convert(checkpoint: Path, out: Path, llama_root: Path, outtype: str) -> None:
+def convert(checkpoint: Path, out: Path, llama_root: Path, outtype: str, hf: bool = False) -> None:
     llama_dir = llama_root / "src" / "vendor" / "llama.cpp"
     with tempfile.TemporaryDirectory(prefix="edgemoe-gguf-", dir=out.parent) as tmp:
-        model_dir = text_model_dir(checkpoint, Path(tmp))
-        _patch_converter(llama_dir, (model_dir / "edgemoe_prefix").read_text())
+        model_dir = checkpoint if hf else text_model_dir(checkpoint, Path(tmp))
+        _patch_converter(llama_dir, "" if hf else (model_dir / "edgemoe_prefix").read_text())
         import convert_hf_to_gguf  # noqa: PLC0415
 
         partial = out.with_name(out.name + ".partial")
@@ -80,8 +82,9 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--llama-root", type=Path, required=True)
     p.add_argument("--outtype", default="q8_0")
+    p.add_argument("--hf", action="store_true", help="CHECKPOINT is a Hugging Face text model already.")
     a = p.parse_args()
-    convert(a.checkpoint, a.out, a.llama_root, a.outtype)
+    convert(a.checkpoint, a.out, a.llama_root, a.outtype, a.hf)
 
 
 if __name__ == "__main__":

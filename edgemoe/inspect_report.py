@@ -63,6 +63,15 @@ def _image_tokens(report: dict[str, Any]) -> str:
     return f"{report['image_tokens']}..{most} (tiled)" if most else str(report["image_tokens"])
 
 
+def _kv_line(report: dict[str, Any]) -> str:
+    """Bytes the runtime's fp32 cache takes per position, against the expanded form where MLA compresses."""
+    values, expanded = report.get("kv_values_per_position", 0), report.get("expanded_kv_values_per_position", 0)
+    line = f"{values:,} values = {format_bytes(4 * values)} per position (fp32)"
+    if expanded and expanded != values:
+        line += f"; uncompressed keys and values would be {expanded:,} = {format_bytes(4 * expanded)}"
+    return line
+
+
 def render_inspection(report: dict[str, Any], console: Console) -> None:
     if report.get("kind") == "bundle":
         from edgemoe.export.bundle_report import render_bundle  # noqa: PLC0415
@@ -81,6 +90,7 @@ def render_inspection(report: dict[str, Any], console: Console) -> None:
         ("experts", _experts_line(report)),
         ("routing", report.get("routing") or f"top-{report['top_k']}"),
         ("attention", report.get("attention", "mha")),
+        ("KV cache", _kv_line(report)),
         ("parameters", f"{report.get('all_params', 0):,} in all (LLM, vision tower, projector)"),
         ("LLM parameters", f"{_billions(report['total_params'])} total, {_billions(report['active_params'])} active, "
                            f"{_billions(report.get('token_params', 0))} read per decoded token"),
