@@ -6,7 +6,8 @@ process tree with psutil every `interval_s` (20 ms) while it runs, and returns a
 code, wall time, `peak_rss_bytes` (the command's ru_maxrss from wait4: exact, the kernel's own
 high-water mark), `peak_rss_polled_bytes` (the largest sample: can miss a peak shorter than the
 interval, but sums a tree), with `watch_files` the peak footprint (that RSS plus the files' page
-cache the command does not map, sampled every FOOTPRINT_EVERY polls), its stdout and the tail of
+cache the command does not map, sampled as often as a 10% share of one core allows: `footprint_due`),
+its stdout and the tail of
 its stderr. `parse_json_output` finds the one
 JSON object a child printed (`edgemoe ask --json`), tolerating log lines before it. A child that
 outlives `timeout_s` is terminated (then killed) and reported with `timed_out`.
@@ -31,7 +32,17 @@ from edgemoe.bench.errors import BenchError
 
 REAPER = Path(__file__).with_name("_reaper.py")
 POLL_S = 0.02
-FOOTPRINT_EVERY = 5  # a footprint sample reads smaps and mincores every watched file: ~0.1 s for 1,500 files
+# A footprint sample reads the child's smaps and mincores every watched file: ~0.1 s for 1,500 files, and
+# over 0.2 s for DeepSeek-VL2-Small's 3,400 bundle and prepacked files with 1,664 sessions mapped. Sampled
+# every 100 ms it kept one of the two cores busy beside the run it measured (seen on Small); so the next
+# sample waits FOOTPRINT_IDLE times as long as the last one took, at least FOOTPRINT_MIN_S.
+FOOTPRINT_MIN_S = 0.1
+FOOTPRINT_IDLE = 9  # <= 10% of one core
+
+
+def footprint_due(last_took_s: float) -> float:
+    """Seconds until the next footprint sample, after one that took `last_took_s`."""
+    return max(FOOTPRINT_MIN_S, FOOTPRINT_IDLE * last_took_s)
 STDERR_TAIL = 4000
 
 
@@ -79,13 +90,14 @@ def failure_line(stderr: str) -> str | None:
 
 class _RssPoller:
     """Samples the summed RSS of a process's descendants (not the process itself) on a thread, and,
-    when `files` are given, the footprint every `FOOTPRINT_EVERY` samples: that RSS plus the files'
+    when `files` are given, the footprint as often as `footprint_due` allows: that RSS plus the files'
     page-cache bytes the command (the first descendant) does not map (`offload.footprint`)."""
 
     def __init__(self, pid: int, interval_s: float, files: Sequence[Path] | None = None) -> None:
         self.interval_s, self.peak, self.samples = interval_s, 0, 0
         self.files = list(files) if files else None
         self.peak_footprint: tuple[int, int] | None = None  # (footprint, its page-cache part)
+        self._next_footprint = 0.0  # monotonic time of the next footprint sample
         self._root = psutil.Process(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="edgemoe-bench-rss", daemon=True)
@@ -103,8 +115,10 @@ class _RssPoller:
                 pass  # exited between listing and reading
         if children:
             self.peak, self.samples = max(self.peak, total), self.samples + 1
-            if self.files and self.samples % FOOTPRINT_EVERY == 1:
+            if self.files and time.monotonic() >= self._next_footprint:
+                t0 = time.monotonic()
                 self._footprint(children[0].pid, total)
+                self._next_footprint = time.monotonic() + footprint_due(time.monotonic() - t0)
 
     def _footprint(self, pid: int, rss: int) -> None:
         from edgemoe.offload.footprint import measure_footprint
