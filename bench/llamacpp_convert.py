@@ -10,8 +10,9 @@ to symlinks of the checkpoint's own shards. Nothing is copied: llama.cpp's conve
 in place, with two adaptations applied to it at import time (not to its files):
   - tensor names lose the family's prefix (`language.model.layers...` -> `model.layers...`); the
     converter already drops vision and projector tensors itself;
-  - the pre-tokenizer is named (`deepseek-llm`) instead of recognised by hashing the tokenizer's output:
-    generated checkpoints carry a synthetic BPE that no hash list knows, and a speed peer needs none.
+  - the pre-tokenizer is named (`deepseek-llm`) instead of recognised by hashing the tokenizer's output,
+    and the sentencepiece path is skipped: generated checkpoints carry a synthetic BPE tokenizer.json
+    that no hash list knows, and a speed peer needs none.
 `--hf`: CHECKPOINT is already a Hugging Face text model (bench/mixtral_peer_checkpoint.py writes one) and
 is converted as it is, with only the pre-tokenizer named.
 Then `llama-quantize` turns it into the bench's precision (bench/llamacpp_peer.py does that).
@@ -60,6 +61,11 @@ def _patch_converter(llama_dir: Path, prefix: str) -> None:
         return original(cls, (name[len(prefix):] if prefix and name.startswith(prefix) else name, gen))
 
     base.ModelBase.filter_tensors = classmethod(filter_tensors)
+
+    def no_sentencepiece(self):  # generated checkpoints carry a BPE tokenizer.json, never a tokenizer.model:
+        raise FileNotFoundError("no sentencepiece tokenizer.model")  # go on to the BPE paths
+
+    base.TextModel._set_vocab_sentencepiece = no_sentencepiece
     base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "deepseek-llm"
 
 

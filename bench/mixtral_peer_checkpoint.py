@@ -9,23 +9,23 @@ from its edgemoe config: hidden 2048, 24 layers, 32 heads, MLP width 5632, 4 exp
 in stock llama.cpp, see shared/reference/llamacpp-peer.md), so every layer is MoE here: a decoded token
 reads the 12 dense layers' MLPs twice over (two experts of the same width), 1.21x the bytes of the
 MoE-LLaVA model. Say so next to any figure from it. Tensors are written one at a time (RSS stays small)
-with N(0, 0.02) weights and unit norms; routing on such weights is whatever they produce.
+with N(0, 0.02) weights and unit norms; routing on such weights is whatever they produce. The tokenizer
+is a synthetic byte-level BPE of the same vocabulary size (StableLM-2's own is a tiktoken file that
+llama.cpp's converter cannot read); a speed peer needs ids, not words.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from edgemoe.families.deepseek_vl2_files import write_tokenizer
 from edgemoe.model.config import load_config
 from edgemoe.model.safetensors_io import ShardedWriter, f32_to_bf16
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
 def plan(h: int, layers: int, f: int, experts: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -66,11 +66,9 @@ def main() -> None:
               "num_local_experts": experts, "num_experts_per_tok": cfg.moe.top_k, "vocab_size": cfg.vocab_size,
               "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": 1e-5,
               "rope_theta": cfg.rope_theta, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-              "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+              "bos_token_id": 100000, "eos_token_id": 100001}  # the synthetic tokenizer's (DeepSeek-V2's ids)
     (a.out / "config.json").write_text(json.dumps(config, indent=2))
-    for name in TOKENIZER_FILES:
-        if (a.stablelm_checkpoint / name).exists():
-            shutil.copy(a.stablelm_checkpoint / name, a.out / name)
+    write_tokenizer(a.out, "small", cfg.vocab_size)
     print(f"wrote {a.out}: {sum(np.prod(s) for _, s in tensors) / 1e9:.2f}B parameters", file=sys.stderr)
 
 
