@@ -34,19 +34,19 @@ from edgemoe.model.config import load_config
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def text_model_dir(checkpoint: Path, work: Path) -> Path:
-    """A directory llama.cpp's converter reads as a text LM: config.json plus links to the shards."""
+def text_model_dir(checkpoint: Path, work: Path) -> tuple[Path, str]:
+    """(a directory llama.cpp's converter reads as a text LM: config.json plus links to the shards, the
+    prefix its tensor names carry)."""
     cfg, _ = load_config(checkpoint)
     raw = json.loads((checkpoint / "config.json").read_text())
     hf_config, prefix = family_module(cfg.family).llamacpp_text_model(raw)
     out = work / "text-model"
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (out / "edgemoe_prefix").write_text(prefix)
     for f in checkpoint.iterdir():
         if f.suffix == ".safetensors" or f.name.endswith(".index.json") or f.name in TOKENIZER_FILES:
             os.symlink(f.resolve(), out / f.name)
-    return out
+    return out, prefix
 
 
 def _patch_converter(llama_dir: Path, prefix: str) -> None:
@@ -72,8 +72,8 @@ def _patch_converter(llama_dir: Path, prefix: str) -> None:
 def convert(checkpoint: Path, out: Path, llama_root: Path, outtype: str, hf: bool = False) -> None:
     llama_dir = llama_root / "src" / "vendor" / "llama.cpp"
     with tempfile.TemporaryDirectory(prefix="edgemoe-gguf-", dir=out.parent) as tmp:
-        model_dir = checkpoint if hf else text_model_dir(checkpoint, Path(tmp))
-        _patch_converter(llama_dir, "" if hf else (model_dir / "edgemoe_prefix").read_text())
+        model_dir, prefix = (checkpoint, "") if hf else text_model_dir(checkpoint, Path(tmp))
+        _patch_converter(llama_dir, prefix)
         import convert_hf_to_gguf  # noqa: PLC0415
 
         partial = out.with_name(out.name + ".partial")

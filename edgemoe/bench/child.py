@@ -7,10 +7,9 @@ code, wall time, `peak_rss_bytes` (the command's ru_maxrss from wait4: exact, th
 high-water mark), `peak_rss_polled_bytes` (the largest sample: can miss a peak shorter than the
 interval, but sums a tree), with `watch_files` the peak footprint (that RSS plus the files' page
 cache the command does not map, sampled as often as a 10% share of one core allows: `footprint_due`),
-its stdout and the tail of
-its stderr. `parse_json_output` finds the one
-JSON object a child printed (`edgemoe ask --json`), tolerating log lines before it. A child that
-outlives `timeout_s` is terminated (then killed) and reported with `timed_out`.
+its stdout and the tail of its stderr. `parse_json_output` finds the one JSON object a child printed
+(`edgemoe ask --json`), tolerating log lines before it. A child that outlives `timeout_s` is
+terminated (then killed) and reported with `timed_out`.
 """
 
 from __future__ import annotations
@@ -38,12 +37,12 @@ POLL_S = 0.02
 # sample waits FOOTPRINT_IDLE times as long as the last one took, at least FOOTPRINT_MIN_S.
 FOOTPRINT_MIN_S = 0.1
 FOOTPRINT_IDLE = 9  # <= 10% of one core
+STDERR_TAIL = 4000
 
 
 def footprint_due(last_took_s: float) -> float:
     """Seconds until the next footprint sample, after one that took `last_took_s`."""
     return max(FOOTPRINT_MIN_S, FOOTPRINT_IDLE * last_took_s)
-STDERR_TAIL = 4000
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ class TokenBytes:
 
 def kv_cache_bytes(manifest: Manifest, context_tokens: int, value_bytes: int = KV_VALUE_BYTES) -> int:
     cfg = manifest.model_config()
-    return cfg.num_layers * cfg.kv_layout.values_per_position * int(context_tokens) * value_bytes
+    return cfg.kv_values_per_position * int(context_tokens) * value_bytes
 
 
 def token_bytes(manifest: Manifest, context_tokens: int, kv_value_bytes: int = KV_VALUE_BYTES) -> TokenBytes:

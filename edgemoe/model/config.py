@@ -139,6 +139,11 @@ class ModelConfig:
         return KVLayout(1, self.mla.kv_lora_rank + self.mla.qk_rope_head_dim, shared=True)
 
     @property
+    def kv_values_per_position(self) -> int:
+        """Values the runtime's cache holds per position, all layers together."""
+        return self.num_layers * self.kv_layout.values_per_position
+
+    @property
     def expanded_kv_values(self) -> int:
         """Values per position per layer that plain multi-head attention would cache (keys + values)."""
         if self.mla is None:

@@ -132,7 +132,7 @@ def summarize_checkpoint(config: ModelConfig, tower: TowerSpec) -> ModelSummary:
         all_params=all_params, token_params=active - (config.vocab_size - 1) * config.hidden_size,
         shared_expert_params=shared, dense_layers=config.dense_layers,
         attention="mla" if config.mla is not None else "mha", routing=_routing_text(config),
-        kv_values_per_position=config.num_layers * config.kv_layout.values_per_position,
+        kv_values_per_position=config.kv_values_per_position,
         expanded_kv_values_per_position=config.num_layers * config.expanded_kv_values,
         max_image_tokens=max((image_token_count(config, tower.vision, g) for g in grids), default=0),
         family=config.family, model_type=config.model_type, num_layers=config.num_layers,
