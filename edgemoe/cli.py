@@ -134,6 +134,8 @@ def bench(
     warm: bool = typer.Option(False, "--warm", help="Keep the bundle in the page cache between runs."),
     offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="accelerate's weight folder (kept)."),
     timeout: float = typer.Option(3600, "--timeout", help="Seconds before a run is stopped."),
+    routing: str = typer.Option("model", "--routing", help="model | uniform: every edgemoe run draws its experts "
+                                "at random (benchmark mode, the worst case for caching and prediction)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON report to this file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw tokens/s and hit rate vs budget (PNG)."),
@@ -144,7 +146,7 @@ def bench(
 
     options = BenchOptions.parse(expert_budgets, memory_budgets, policies, expert_stores, tokens=tokens, image=image,
                                  question=question or DEFAULT_QUESTION, peers=peers, checkpoint=checkpoint,
-                                 cold=not warm, offload_dir=offload_dir, timeout_s=timeout)
+                                 cold=not warm, offload_dir=offload_dir, timeout_s=timeout, routing=routing)
     with _phase_progress() as progress:
         report = run_bench(bundle, options, progress)
     if out_file is not None:
@@ -247,7 +249,7 @@ def chat(bundle: BundleDir, **flags: Any) -> None:
 
 
 @app.command()
-@generation_flags(without=("image", "as_json"), max_tokens="Default most tokens per answer (a request's "
+@generation_flags(without=("image", "as_json", "routing"), max_tokens="Default most tokens per answer (a request's "
                                                            "max_tokens overrides).",
                   temperature="Default temperature (a request's overrides).", seed="Default sampling seed.")
 def serve(bundle: BundleDir,

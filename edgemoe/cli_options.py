@@ -59,6 +59,9 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
                                              "current one computes (more: earlier, but less sure)."),
     "loaders": Flag(int, DEFAULT_LOADERS, "--loaders", "Background threads paging experts in under a budget "
                                                        "(several keep several disk reads in flight)."),
+    "routing": Flag(str, "model", "--routing", "model (the router's choice) | uniform (benchmark mode: each "
+                                               "token's experts drawn at random, seeded; the worst case for "
+                                               "caching and prediction; the answer is not the model's)."),
     "threads": Flag(Optional[int], None, "--threads", "CPU threads per ONNX Runtime session (default: the cores "
                                                       "this process may use)."),
     "ctx_size": Flag(Optional[int], None, "--ctx-size", "Context positions (prompt, image and answers; default: "
@@ -74,7 +77,8 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
 }
 # The flags that are GenerationOptions fields.
 GENERATION_FIELDS = ("max_tokens", "memory_budget", "expert_budget", "policy", "temperature", "top_p", "seed",
-                     "expert_store", "top_k", "min_p", "repeat_penalty", "system", "threads", "ctx_size", "lookahead", "loaders")
+                     "expert_store", "top_k", "min_p", "repeat_penalty", "system", "threads", "ctx_size", "lookahead", "loaders",
+                     "routing")
 
 
 def generation_flags(*, without: tuple[str, ...] = (), **helps: str) -> Callable[[F], F]:

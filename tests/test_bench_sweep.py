@@ -97,7 +97,13 @@ def test_ask_command_passes_budgets_as_given(tmp_path: Path) -> None:
     assert cmd[cmd.index("--expert-budget") + 1] == "50%" and cmd[cmd.index("--memory-budget") + 1] == "2GB"
     assert cmd[cmd.index("--policy") + 1] == "edgemoe" and "--json" in cmd and cmd[cmd.index("--max-tokens") + 1] == "8"
     assert cmd[cmd.index("--expert-store") + 1] == "auto"
-    assert ask_command(ctx, None, None, None, "sessions")[-1] == "sessions"
+    sessions = ask_command(ctx, None, None, None, "sessions")
+    assert sessions[sessions.index("--expert-store") + 1] == "sessions"
+    assert cmd[cmd.index("--routing") + 1] == "model"
+    uniform = SweepContext(bundle, BenchOptions(tokens=8, routing="uniform"), tmp_path / "img.png", None, None)
+    assert ask_command(uniform, None, None, None)[-2:] == ["--routing", "uniform"]
+    with pytest.raises(BenchError, match="--routing"):
+        BenchOptions(routing="zipf")
 
 
 def test_expert_stores_run_side_by_side(tmp_path: Path, fake_python: Path) -> None:

@@ -208,6 +208,7 @@ class BenchReport:
     runs: tuple[BenchRun, ...]
     peers: tuple[BenchRun, ...] = ()
     checkpoint: str | None = None
+    routing: str = "model"  # "uniform": every edgemoe run drew its experts at random (runtime.routing)
     created_at: str = ""
     edgemoe_version: str = __version__
 

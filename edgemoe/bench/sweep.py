@@ -38,6 +38,7 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.offload.footprint import model_files
 from edgemoe.offload.policies import DEFAULT_POLICY, POLICIES
 from edgemoe.runtime.providers import EXPERT_STORES
+from edgemoe.runtime.routing import ROUTINGS
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class BenchOptions:
     memory_probe_bytes: int = 1 << 30
     disk_probe_bytes: int = 1 << 30
     python: str = sys.executable
+    routing: str = "model"  # edgemoe runs' --routing ("uniform": the worst case, runtime.routing)
 
     def __post_init__(self) -> None:
         if self.tokens < 2:
@@ -85,6 +87,8 @@ class BenchOptions:
             raise BenchError("--peers needs --checkpoint CKPT (the checkpoint the bundle was exported from)")
         if self.checkpoint is not None and not Path(self.checkpoint).is_dir():
             raise BenchError(f"--checkpoint {self.checkpoint} is not a directory")
+        if self.routing not in ROUTINGS:
+            raise BenchError(f"--routing: expected one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         if self.image is not None and not Path(self.image).is_file():
             raise BenchError(f"--image {self.image} is not a file")
 
@@ -140,7 +144,7 @@ def ask_command(ctx: SweepContext, expert: Budget | None, memory: Budget | None,
                 store: str = "auto") -> list[str]:
     o = ctx.options
     cmd = [o.python, "-m", "edgemoe.cli", "ask", str(ctx.bundle.root), o.question, "--image", str(ctx.image),
-           "--max-tokens", str(o.tokens), "--json", "--expert-store", store]
+           "--max-tokens", str(o.tokens), "--json", "--expert-store", store, "--routing", o.routing]
     if store == FUSED:  # resident by construction: planned_runs only gives it the full budget
         expert = memory = None
     if expert is not None:
@@ -296,4 +300,4 @@ def run_bench(bundle_path: str | Path, options: BenchOptions = BenchOptions(),
         token_bytes=ctx.token_bytes_at(_reported_prompt(runs), options.tokens), question=options.question,
         image=str(options.image) if options.image is not None else "synthetic", tokens=options.tokens,
         cold=options.cold, runs=tuple(runs), peers=tuple(peers),
-        checkpoint=None if options.checkpoint is None else str(options.checkpoint))
+        checkpoint=None if options.checkpoint is None else str(options.checkpoint), routing=options.routing)

@@ -39,7 +39,8 @@ def header_lines(report: BenchReport) -> list[str]:
     experts = ", ".join(f"{n} {p}" for p, n in report.expert_precisions)
     return [
         f"[bold]{report.bundle}[/]: {report.bundle_bytes / 1e9:.2f} GB, experts {experts}; "
-        f"{report.tokens} tokens, {'cold' if report.cold else 'warm'} runs",
+        f"{report.tokens} tokens, {'cold' if report.cold else 'warm'} runs, routing: "
+        f"{'uniform (benchmark mode: experts drawn at random)' if report.routing == 'uniform' else 'the model weights'}",
         f"machine: {report.machine.summary}",
         f"measured: {memory}; {disk}",
         f"a decoded token at context {tb.context_tokens} touches {tb.resident_bytes / 1e6:.0f} MB resident "

@@ -40,7 +40,7 @@ from edgemoe.runtime.engine import Engine, splice_positions
 from edgemoe.runtime.moe import MoELayer
 from edgemoe.runtime.options import DEFAULT_MAX_TOKENS, GenerationOptions, resolve_memory_budget
 from edgemoe.runtime.providers import make_provider, open_expert_store, resident_sizes, store_kind
-from edgemoe.runtime.routing import Routers
+from edgemoe.runtime.routing import Routers, routers_for
 from edgemoe.runtime.sampling import Sampler
 from edgemoe.runtime.sessions import configure_process
 from edgemoe.runtime.stats import (Clock, CounterSnapshot, GenerationResult, GenerationStats, RssSampler,
@@ -95,8 +95,8 @@ class ChatSession:
         # Under a memory budget the first image is encoded before the language model loads (start-up
         # then peaks at the larger of the two, not their sum).
         self.trunk = Trunk.open(self.bundle, language_model=self.memory_budget is None)
-        self.routers = Routers.load(self.bundle.path_of("routers.safetensors"), self.config.moe.layers,
-                                    self.config.moe.routing)
+        self.routers = routers_for(Routers.load(self.bundle.path_of("routers.safetensors"), self.config.moe.layers,
+                                                self.config.moe.routing), options.routing, options.seed)
         self.sampler = options.sampler()
         self.engine: Engine | None = None
         self.provider: Any = None
@@ -321,7 +321,7 @@ class ChatSession:
             disk_read_bytes=delta.disk_read, decode_disk_read_bytes=decode.disk_read if decode else None,
             image_encode_s=self._encode_s - self._encode_mark, prefill_expert_load_s=prefill.counters.load_seconds,
             prefill_hash_s=prefill.hash_seconds, prefetched_in_time=delta.counters.in_time,
-            prefetched_late=delta.counters.late)
+            prefetched_late=delta.counters.late, routing=self.options.routing)
 
     # -- lifetime ---------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from edgemoe.offload.budget import format_bytes, parse_size
 from edgemoe.offload.policies import DEFAULT_POLICY, POLICIES
 from edgemoe.offload.prefetcher import DEFAULT_LOADERS
 from edgemoe.runtime.providers import EXPERT_STORES
+from edgemoe.runtime.routing import ROUTINGS
 from edgemoe.runtime.sampling import Sampler
 
 DEFAULT_MAX_TOKENS = 128
@@ -48,6 +49,7 @@ class GenerationOptions:
     ctx_size: int | None = None  # context positions (prompt + answers); None: the model's own
     lookahead: int = 1  # MoE layers ahead whose experts are predicted and paged in (more: earlier, less sure)
     loaders: int = DEFAULT_LOADERS  # background threads paging experts in (several keep several reads in flight)
+    routing: str = "model"  # "uniform": benchmark mode, experts drawn at random (runtime.routing.routers_for)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -59,6 +61,8 @@ class GenerationOptions:
                                "--expert-store mapped, sessions or auto")
         if self.policy not in POLICIES:
             raise EdgeMoEError(f"unknown eviction policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        if self.routing not in ROUTINGS:
+            raise EdgeMoEError(f"unknown routing {self.routing!r}: expected one of {', '.join(ROUTINGS)}")
         if self.loaders < 1:
             raise EdgeMoEError(f"loaders must be at least 1 thread, got {self.loaders}")
         if self.lookahead < 1:

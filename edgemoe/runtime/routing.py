@@ -10,6 +10,14 @@ DeepSpeed). No token is dropped. Upstream draws the second expert with Gumbel no
 inference; this runtime does not (the documented deviation that makes answers repeatable).
 `Routers.load(path)` reads `routers.safetensors` (`layers.N.router.weight` [E, H], fp32).
 
+`routers_for(routers, mode, seed)` picks the routing a run uses (`ROUTINGS`): "model" is the router
+above; "uniform" is a benchmark mode, `UniformRouters`, that replaces each token's experts by K
+distinct experts drawn uniformly at random (a seeded generator, drawn in call order, so one prompt
+gives the same experts every run and at every budget) and keeps the model's combine weights. It is
+the worst case for an expert cache and a predictor: no expert is more popular than another and the
+next layer's experts cannot be guessed from anything (the predictor still guesses with the model's
+routers, right only by chance, K/E). Answers under it are not the model's answers.
+
 Shape legend: N tokens, H hidden, E experts, K experts per token.
 """
 
@@ -61,3 +69,28 @@ class Routers:
         """Layer `layer`'s routing of m [N, H]: the rule given at load (the runtime passes the model's
         `moe.routing`, so the hot path builds no rule), else MoE-LLaVA's top-k."""
         return route(m, self.weights[layer], self.rule if self.rule is not None else k, self.biases.get(layer))
+
+
+ROUTINGS = ("model", "uniform")
+
+
+class UniformRouters(Routers):
+    """The model's routers with each token's experts drawn uniformly at random (module docstring)."""
+
+    def __init__(self, routers: Routers, seed: int = 0) -> None:
+        super().__init__(routers.weights, routers.rule, routers.biases)
+        self._rng = np.random.default_rng(seed)
+
+    def route(self, layer: int, m: np.ndarray, k: int) -> Routing:
+        own = super().route(layer, m, k)
+        n, e = own.probs.shape
+        # argsort of iid uniforms: a uniformly random permutation per token; its first K are K distinct experts.
+        experts = np.argsort(self._rng.random((n, e)), axis=1)[:, :own.experts.shape[1]].astype(np.int64)
+        return Routing(experts, own.weights, own.probs)
+
+
+def routers_for(routers: Routers, mode: str, seed: int = 0) -> Routers:
+    """The routers a run uses: the model's ("model") or the uniform benchmark mode ("uniform")."""
+    if mode not in ROUTINGS:
+        raise EdgeMoEError(f"unknown routing {mode!r}: expected one of {', '.join(ROUTINGS)}")
+    return routers if mode == "model" else UniformRouters(routers, seed)

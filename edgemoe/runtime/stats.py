@@ -57,6 +57,7 @@ class GenerationStats:
     prefetched_in_time: int = 0  # of cache_hits: experts a hint loaded before the layer asked (first use)
     prefetched_late: int = 0  # of cache_misses: hinted experts still loading when the layer asked
     decode_disk_read_bytes: int | None = None  # those read after the first token
+    routing: str = "model"  # "uniform": the benchmark mode (runtime.routing), not the model's answers
 
     @property
     def hit_rate(self) -> float | None:
@@ -76,6 +77,8 @@ class GenerationStats:
                  f"{_mb(self.bytes_paged)} paged", f"peak RSS {_mb(self.peak_rss_bytes)}"]
         if self.prediction_precision is not None and self.prediction_recall is not None:
             parts.insert(4, f"prediction P {self.prediction_precision:.0%} R {self.prediction_recall:.0%}")
+        if self.routing != "model":
+            parts.insert(0, f"routing {self.routing} (benchmark mode: not the model's answer)")
         return " · ".join(parts)
 
 

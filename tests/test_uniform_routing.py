@@ -1,0 +1,78 @@
+"""The uniform-routing benchmark mode: K distinct experts per token drawn uniformly at random, the
+same every run, identical answers at every budget, and a predictor reduced to chance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgemoe.errors import EdgeMoEError
+from edgemoe.model.routing_rule import RoutingRule
+from edgemoe.runtime import ChatSession, GenerationOptions
+from edgemoe.runtime.routing import Routers, UniformRouters, routers_for
+from test_runtime_fixtures import one_expert_bytes, tiny  # noqa: F401
+
+FAMILY = "deepseek-vl2-tiny"
+QUESTION = "What is in the image?"
+
+
+def _routers(experts: int = 16, hidden: int = 32, k: int = 4) -> tuple[Routers, int]:
+    rng = np.random.default_rng(1)
+    weights = {n: rng.standard_normal((experts, hidden)).astype(np.float32) for n in (1, 3)}
+    rule = RoutingRule(top_k=k, scoring="softmax", renorm="plus_tiny")
+    return Routers(weights, rule), k
+
+
+def test_experts_are_distinct_uniform_and_keep_the_models_weights() -> None:
+    routers, k = _routers()
+    m = np.random.default_rng(2).standard_normal((4000, 32)).astype(np.float32)
+    own = routers.route(1, m, k)
+    drawn = UniformRouters(routers, seed=0).route(1, m, k)
+    assert drawn.experts.shape == own.experts.shape
+    assert all(len(set(row)) == k for row in drawn.experts.tolist())
+    np.testing.assert_array_equal(drawn.weights, own.weights)
+    # 16,000 picks over 16 experts: each expected 1,000 (sd ~29); the model's router is far from flat.
+    counts = np.bincount(drawn.experts.ravel(), minlength=16)
+    assert counts.min() > 880 and counts.max() < 1120, counts
+    # Token-independent: the experts a token gets do not follow from its input.
+    assert np.mean(drawn.experts[:, 0] == own.experts[:, 0]) < 0.1
+
+
+def test_the_same_seed_draws_the_same_experts_and_another_seed_others() -> None:
+    routers, k = _routers()
+    m = np.random.default_rng(3).standard_normal((64, 32)).astype(np.float32)
+    first = [UniformRouters(routers, seed=5).route(n, m, k).experts for n in (1, 3)]
+    again = [UniformRouters(routers, seed=5).route(n, m, k).experts for n in (1, 3)]
+    other = UniformRouters(routers, seed=6).route(1, m, k).experts
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], other)
+
+
+def test_model_routing_is_the_routers_themselves_and_unknown_modes_fail() -> None:
+    routers, _ = _routers()
+    assert routers_for(routers, "model") is routers
+    with pytest.raises(EdgeMoEError, match="unknown routing"):
+        routers_for(routers, "zipf")
+    with pytest.raises(EdgeMoEError, match="unknown routing"):
+        GenerationOptions(routing="zipf")
+
+
+def _answer(bundle, image, **options):
+    with ChatSession(bundle, image, GenerationOptions(max_tokens=10, **options)) as session:
+        return session.ask(QUESTION)
+
+
+def test_uniform_routing_answers_alike_at_every_budget_and_defeats_the_predictor(tiny) -> None:
+    bundle = tiny.bundle(FAMILY, "int4")
+    resident = _answer(bundle, tiny.image, routing="uniform", expert_store="sessions")
+    model = _answer(bundle, tiny.image, expert_store="sessions")
+    assert resident.stats.routing == "uniform" and model.stats.routing == "model"
+    for experts in (6, 2):
+        paged = _answer(bundle, tiny.image, routing="uniform", expert_budget=experts * one_expert_bytes(bundle))
+        assert paged.token_ids == resident.token_ids, f"{experts} experts"
+        assert paged.stats.cache_misses > 0
+    again = _answer(bundle, tiny.image, routing="uniform", expert_store="sessions")
+    assert again.token_ids == resident.token_ids
+    # The predictor guesses with the model's routers: right about as often as chance under uniform routing,
+    # far more often under the model's own.
+    assert resident.stats.prediction_precision < model.stats.prediction_precision - 0.2
