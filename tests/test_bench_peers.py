@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +30,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen stores q, k and v fused in c_attn: row slices that cannot be read in place."""
+    return create_checkpoint(tmp_path_factory.mktemp("peers") / "qwen", "qwen", "tiny").path
+
+
+@pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic_image(tmp_path_factory.mktemp("img") / "img.png")
 
@@ -42,14 +49,27 @@ def test_pin_splits_the_covering_entry() -> None:
     assert device_map == {"0": "disk", "1.0": "cpu", "1.1": "disk"}
 
 
-def test_accelerate_offload_equals_the_resident_model(tiny: Path, image: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["stablelm", "qwen"])
+def test_accelerate_offload_equals_the_resident_model(family: str, tiny: Path, tiny_qwen: Path, image: Path,
+                                                      tmp_path: Path) -> None:
     """With 1 byte of RAM every module but the routers is on disk, and the logits are unchanged: the
     routers must be pinned, since MoELayer reads router.weight without calling the router (torch
-    computes on a meta tensor without complaint otherwise)."""
+    computes on a meta tensor without complaint otherwise). Weights stored as they are in the checkpoint
+    are read from its safetensors in place; only the rest (Qwen's fused q/k/v rows) is copied."""
     from accelerate import dispatch_model
 
+    tiny = tiny if family == "stablelm" else tiny_qwen
     ckpt = Checkpoint.open(tiny)
     peer_child.prepare_offload(argparse.Namespace(checkpoint=tiny, dtype="fp32", offload_dir=tmp_path / "w"))
+    index = json.loads((tmp_path / "w" / "index.json").read_text())
+    in_place = {k for k, v in index.items() if "safetensors_file" in v}
+    copied = {p.name.removesuffix(".dat") for p in (tmp_path / "w").glob("*.dat")}
+    assert in_place | copied == set(index) and not in_place & copied
+    assert all(Path(index[k]["safetensors_file"]).parent == tiny.resolve() for k in in_place)
+    if family == "stablelm":
+        assert not copied  # every tensor is stored as the model uses it
+    else:
+        assert copied and all(".attn." in k or "vision." in k for k in copied) and len(in_place) > len(copied)
     ids = peer_child.prompt_inputs(ckpt, "What is this?")[0]
     prepared = peer_child.image_of(ckpt, image)
     model = peer_child._meta_model(ckpt, torch.float32)

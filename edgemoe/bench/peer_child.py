@@ -16,8 +16,12 @@ token from the request (image preprocessing included) to the first id, model loa
 bytes of weights in RAM: the model is built on the meta device, `infer_auto_device_map(max_memory=
 {"cpu": ...})` places modules in order on "cpu" until the budget is spent and the rest on "disk",
 and `dispatch_model(main_device="cpu", offload_dir=...)` hooks every module on disk so that each
-forward copies its weights out of a numpy memmap (the folder `accelerate-prepare` writes with
-accelerate's own `offload_weight`) and drops them afterwards. Offload is at module granularity: a
+forward reads its weights and drops them afterwards. The folder `accelerate-prepare` writes holds
+accelerate's `index.json`: a tensor stored as is in one of the checkpoint's safetensors files is read
+from that file in place (accelerate's own `{"safetensors_file", "weight_name", "dtype"}` entry, what
+transformers writes for a safetensors checkpoint offloaded to disk), so a 32 GB checkpoint needs no
+32 GB copy; any other tensor (a row slice of a fused tensor, a reshaped one) is written beside it as a
+numpy memmap with accelerate's `offload_weight`. Offload is at module granularity: a
 module's weights load when that module is *called*; an expert nobody routes to is not read. Two
 modules use a child's weight without calling it, which accelerate cannot see: each MoE router
 (`MoELayer.route` reads `router.weight`), pinned to "cpu" here (torch computes silently with a
@@ -146,7 +150,8 @@ def _meta_model(ckpt, dtype):
 
 
 def prepare_offload(args: argparse.Namespace) -> None:
-    """Write every weight of the model at `dtype` into `offload_dir` in accelerate's format (once)."""
+    """Write accelerate's index for the model at `dtype` into `offload_dir` (once): in place where the
+    checkpoint stores a tensor as is, else a converted copy."""
     import torch
     from accelerate.utils import offload_weight, save_offload_index
 
@@ -154,7 +159,7 @@ def prepare_offload(args: argparse.Namespace) -> None:
     from edgemoe.reference.model import module_key
 
     folder, marker = Path(args.offload_dir), Path(args.offload_dir) / "edgemoe-source.json"
-    source = {"checkpoint": str(Path(args.checkpoint).resolve()), "dtype": args.dtype}
+    source = {"checkpoint": str(Path(args.checkpoint).resolve()), "dtype": args.dtype, "in_place": True}
     if marker.is_file() and json.loads(marker.read_text()) == source and (folder / "index.json").is_file():
         sys.stdout.write(json.dumps({"prepared": str(folder), "reused": True}) + "\n")
         return
@@ -163,16 +168,26 @@ def prepare_offload(args: argparse.Namespace) -> None:
     dtype = _torch_dtype(args.dtype)
     wanted = set(_meta_model(ckpt, dtype).state_dict())
     index: dict[str, Any] = {}
-    for name in ckpt.names:  # one tensor in memory at a time
+    copied = 0
+    for name in ckpt.names:  # one tensor in memory at a time, and only those not readable in place
         key = module_key(name)
-        if key in wanted:
+        if key not in wanted:
+            continue
+        stored = ckpt.stored(name)
+        if stored is not None:
+            index[key] = {"safetensors_file": str(stored[0].resolve()), "weight_name": stored[1],
+                          "dtype": str(dtype).removeprefix("torch.")}
+        else:
             index = offload_weight(torch.tensor(ckpt.tensor(name), dtype=dtype), key, str(folder), index)
+            copied += 1
     if ckpt.config.tie_word_embeddings:
         index["head.lm_head.weight"] = index["embed_tokens.weight"]
-        os.link(folder / "embed_tokens.weight.dat", folder / "head.lm_head.weight.dat")
+        if (folder / "embed_tokens.weight.dat").is_file():
+            os.link(folder / "embed_tokens.weight.dat", folder / "head.lm_head.weight.dat")
     save_offload_index(index, str(folder))
     marker.write_text(json.dumps(source))
-    sys.stdout.write(json.dumps({"prepared": str(folder), "reused": False, "tensors": len(index)}) + "\n")
+    sys.stdout.write(json.dumps({"prepared": str(folder), "reused": False, "tensors": len(index),
+                                 "copied": copied}) + "\n")
 
 
 def _covering(device_map: dict[str, Any], name: str) -> str:
@@ -205,15 +220,15 @@ def device_map_for(model, max_memory: int) -> dict[str, Any]:
 
 
 def _load_resident(model, device_map: dict[str, Any], folder: Path) -> int:
-    """Materialise the weights of every module placed on "cpu" from the offload folder; bytes loaded."""
-    from accelerate.utils import set_module_tensor_to_device
-    from accelerate.utils.offload import load_offloaded_weight
+    """Materialise the weights of every module placed on "cpu" (from the checkpoint in place or the
+    folder, as the index says); bytes loaded."""
+    from accelerate.utils import OffloadedWeightsLoader, set_module_tensor_to_device
 
-    index = json.loads((folder / "index.json").read_text())
+    weights = OffloadedWeightsLoader(save_folder=str(folder))
     loaded = 0
     for key in model.state_dict():
         if device_map[_covering(device_map, key)] == "cpu":
-            value = load_offloaded_weight(str(folder / f"{key}.dat"), index[key])
+            value = weights[key]
             set_module_tensor_to_device(model, key, "cpu", value=value)
             loaded += value.numel() * value.element_size()
     return loaded

@@ -10,11 +10,13 @@ edgemoe runs (`child.run_child`):
   accelerate-bf16   Hugging Face accelerate's disk offload of the same torch model (`peer_child
                     accelerate`), one run per budget, given the RAM edgemoe had at that budget: the
                     memory budget when one was set, else the largest peak RSS (ru_maxrss) of the
-                    edgemoe runs at that expert budget. Its weight folder is written once per sweep
-                    (`accelerate-prepare`, not timed) and reused across budgets.
+                    edgemoe runs at that expert budget. Its weight folder (an index reading the
+                    checkpoint's safetensors in place, plus copies of what cannot be) is written
+                    once per sweep (`accelerate-prepare`, not timed) and reused across budgets.
 
 Peers carry no physical limit of their own (the limit is the bundle's). With `cold`, the checkpoint's
-(or the offload folder's) pages are evicted before each peer, as the bundle's are before each run.
+and the offload folder's pages are evicted before each peer, as the bundle's are before each run, and
+a peer's footprint is sampled like edgemoe's: its RSS plus the page cache it keeps of those files.
 """
 
 from __future__ import annotations
@@ -61,10 +63,11 @@ def resident_peer(ctx: SweepContext, runs: list[BenchRun]) -> BenchRun:
 
 def torch_peer(ctx: SweepContext, dtype: str) -> BenchRun:
     o = ctx.options
+    files = _files(o.checkpoint)
     if o.cold:
-        evict_pages(_files(o.checkpoint))
+        evict_pages(files)
     cmd = [o.python, "-m", PEER_MODULE, "torch", "--dtype", dtype, *_common(ctx)]
-    child = run_child(cmd, timeout_s=o.timeout_s)
+    child = run_child(cmd, timeout_s=o.timeout_s, watch_files=files)
     return run_from_child(f"torch-{dtype}", child, policy=None, expert=None, memory=None, budget_bytes=None,
                           tokens=o.tokens)
 
@@ -94,11 +97,12 @@ def prepare_accelerate(ctx: SweepContext, folder: Path) -> str | None:
 def accelerate_peer(ctx: SweepContext, folder: Path, ram: int, expert: Budget | None,
                     memory: Budget | None) -> BenchRun:
     o = ctx.options
+    files = _files(folder) + _files(o.checkpoint)  # the index reads the checkpoint in place
     if o.cold:
-        evict_pages(_files(folder))
+        evict_pages(files)
     cmd = [o.python, "-m", PEER_MODULE, "accelerate", "--dtype", o.accelerate_dtype, "--offload-dir", str(folder),
            "--max-memory", str(ram), *_common(ctx)]
-    child = run_child(cmd, timeout_s=o.timeout_s)
+    child = run_child(cmd, timeout_s=o.timeout_s, watch_files=files)
     return run_from_child(f"accelerate-{o.accelerate_dtype}", child, policy=None, expert=expert, memory=memory,
                           budget_bytes=ram, tokens=o.tokens)
 

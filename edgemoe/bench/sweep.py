@@ -31,6 +31,7 @@ from edgemoe.bench.errors import BenchError
 from edgemoe.bench.limits import (Bandwidths, TokenBytes, decode_bound, evict_pages, measure_bandwidths, token_bytes,
                                   uniform_paged_bytes)
 from edgemoe.bench.machine import machine_info
+from edgemoe.bench.peer_child import DTYPES as PEER_DTYPES
 from edgemoe.bench.prompt import DEFAULT_QUESTION, estimate_prompt_tokens, synthetic_image
 from edgemoe.bench.results import EDGEMOE, BenchReport, BenchRun, RunStats
 from edgemoe.bundle import Bundle
@@ -94,7 +95,8 @@ class BenchOptions:
 
     @classmethod
     def parse(cls, expert_budgets: str | None = None, memory_budgets: str | None = None,
-              policies: str = DEFAULT_POLICY, expert_stores: str = "auto", **kwargs) -> "BenchOptions":
+              policies: str = DEFAULT_POLICY, expert_stores: str = "auto", torch_dtypes: str = "fp32,bf16",
+              **kwargs) -> "BenchOptions":
         """From the CLI's strings; expert budgets default to 100%,75%,50%,25% unless memory budgets are given."""
         if expert_budgets is None and memory_budgets is None:
             expert_budgets = DEFAULT_EXPERT_BUDGETS
@@ -103,10 +105,13 @@ class BenchOptions:
         bad = [p for p in names if p not in known]
         if bad:
             raise BenchError(f"--policies: unknown policy {bad[0]!r} (known: {', '.join(known)})")
+        dtypes = () if torch_dtypes.strip() == "none" else tuple(d.strip() for d in torch_dtypes.split(",") if d.strip())
+        if any(d not in PEER_DTYPES for d in dtypes):
+            raise BenchError(f"--torch-dtypes: expected some of {', '.join(PEER_DTYPES)} or none, got {torch_dtypes!r}")
         return cls(expert_budgets=parse_budgets(expert_budgets, "--expert-budgets"),
                    memory_budgets=parse_budgets(memory_budgets, "--memory-budgets", allow_percent=False),
                    policies=names, expert_stores=tuple(p.strip() for p in expert_stores.split(",") if p.strip()),
-                   **kwargs)
+                   peer_dtypes=dtypes, **kwargs)
 
     def budget_pairs(self) -> list[tuple[Budget | None, Budget | None]]:
         """Every (expert budget, memory budget) to run: the product of the two lists."""

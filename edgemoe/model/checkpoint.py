@@ -54,6 +54,10 @@ class SafetensorsSource:
     def read(self, name: str) -> np.ndarray:
         return self._files[self._where[name]].tensor(name)
 
+    def file_of(self, name: str) -> Path | None:
+        """The file holding `name`."""
+        return self._where.get(name)
+
 
 class TorchBinSource:
     """Pickle `.bin` shards (Qwen-1.8B-4e ships only these), read with `weights_only=True`.
@@ -161,6 +165,16 @@ class Checkpoint:
 
     def has(self, canonical: str) -> bool:
         return canonical in self._located
+
+    def stored(self, canonical: str) -> tuple[Path, str] | None:
+        """(safetensors file, on-disk name) when the canonical tensor is exactly one stored tensor (no row
+        slice, no reshape), so a reader may take it from the file in place; else None."""
+        loc = self._located.get(canonical)
+        file_of = getattr(loc.source, "file_of", None) if loc is not None else None
+        if file_of is None or loc.spec.rows is not None or tuple(loc.spec.disk_shape) != tuple(loc.spec.shape):
+            return None
+        path = file_of(loc.name)
+        return None if path is None else (Path(path), loc.name)
 
     def tensor(self, canonical: str) -> np.ndarray:
         """One tensor as float32 numpy (a row slice for fused sources)."""
