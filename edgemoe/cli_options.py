@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, List, Mapping, Optio
 import typer
 
 from edgemoe.offload.policies import DEFAULT_POLICY
+from edgemoe.offload.predictor import HINT_FLOOR
 from edgemoe.offload.prefetcher import DEFAULT_LOADERS
 
 if TYPE_CHECKING:
@@ -59,6 +60,13 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
                                              "current one computes (more: earlier, but less sure)."),
     "loaders": Flag(int, DEFAULT_LOADERS, "--loaders", "Background threads paging experts in under a budget "
                                                        "(several keep several disk reads in flight)."),
+    "hint_floor": Flag(float, HINT_FLOOR, "--hint-floor", "Page a MoE layer's predicted experts in only while its "
+                                                   "running prediction precision is at least this (0: always; "
+                                                   "guesses near chance read more than they save)."),
+    "prompt_cache": Flag(bool, False, "--prompt-cache", "Keep each image's features and prompt prefix (its KV "
+                                                        "rows) on disk in the edgemoe cache, so a later question "
+                                                        "about the same image skips the vision tower and the "
+                                                        "image's prefill. Answers are unchanged."),
     "routing": Flag(str, "model", "--routing", "model (the router's choice) | uniform (benchmark mode: each "
                                                "token's experts drawn at random, seeded; the worst case for "
                                                "caching and prediction; the answer is not the model's)."),
@@ -78,7 +86,7 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
 # The flags that are GenerationOptions fields.
 GENERATION_FIELDS = ("max_tokens", "memory_budget", "expert_budget", "policy", "temperature", "top_p", "seed",
                      "expert_store", "top_k", "min_p", "repeat_penalty", "system", "threads", "ctx_size", "lookahead", "loaders",
-                     "routing")
+                     "routing", "prompt_cache", "hint_floor")
 
 
 def generation_flags(*, without: tuple[str, ...] = (), **helps: str) -> Callable[[F], F]:

@@ -103,14 +103,15 @@ def one_expert_bytes(bundle_path: Path, store: str = "auto") -> int:
 
 
 def run_engine(bundle_path: Path, image: Path, capacity_bytes: int | None = None, policy: str = "lru",
-               max_tokens: int = 12, ids: list[int] | None = None,
-               store: str = "auto") -> tuple[list[int], list[np.ndarray], object]:
+               max_tokens: int = 12, ids: list[int] | None = None, store: str = "auto", routing: str = "model",
+               gate: object | None = None, moe_out: list | None = None) -> tuple[list[int], list[np.ndarray], object]:
     """Greedy tokens and every step's logits from an engine over `make_provider(capacity, policy)`,
-    and the provider's stats."""
+    and the provider's stats; `routing` as `runtime.routing.routers_for`, `gate` replaces the MoE
+    layer's HintGate, and `moe_out` receives the MoE layer."""
     from edgemoe.runtime.engine import Engine
     from edgemoe.runtime.moe import MoELayer
     from edgemoe.runtime.providers import make_provider, open_expert_store
-    from edgemoe.runtime.routing import Routers
+    from edgemoe.runtime.routing import Routers, routers_for
     from edgemoe.runtime.trunk import Trunk
 
     bundle = Bundle.open(bundle_path)
@@ -118,9 +119,14 @@ def run_engine(bundle_path: Path, image: Path, capacity_bytes: int | None = None
     trunk = Trunk.open(bundle)
     provider = make_provider(bundle, capacity_bytes, policy, open_expert_store(bundle, store))
     try:
-        routers = Routers.load(bundle.path_of("routers.safetensors"), cfg.moe.layers, cfg.moe.routing)
-        engine = Engine(trunk, MoELayer(routers, provider, cfg.moe.layers, cfg.moe.top_k),
-                        manifest.tokenizer["len_tokenizer"], 256)
+        routers = routers_for(Routers.load(bundle.path_of("routers.safetensors"), cfg.moe.layers, cfg.moe.routing),
+                              routing)
+        moe = MoELayer(routers, provider, cfg.moe.layers, cfg.moe.top_k)
+        if gate is not None:
+            moe.gate = gate
+        if moe_out is not None:
+            moe_out.append(moe)
+        engine = Engine(trunk, moe, manifest.tokenizer["len_tokenizer"], 256)
         features = trunk.encode_image(image_input(bundle_path, image))
         logits: list[np.ndarray] = []
         tokens = list(engine.generate_step(ids or prompt_ids(bundle_path), features, max_tokens,

@@ -10,7 +10,8 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.model.routing_rule import RoutingRule
 from edgemoe.runtime import ChatSession, GenerationOptions
 from edgemoe.runtime.routing import Routers, UniformRouters, routers_for
-from test_runtime_fixtures import one_expert_bytes, tiny  # noqa: F401
+from edgemoe.offload.predictor import HintGate
+from test_runtime_fixtures import one_expert_bytes, run_engine, tiny  # noqa: F401
 
 FAMILY = "deepseek-vl2-tiny"
 QUESTION = "What is in the image?"
@@ -76,3 +77,32 @@ def test_uniform_routing_answers_alike_at_every_budget_and_defeats_the_predictor
     # The predictor guesses with the model's routers: right about as often as chance under uniform routing,
     # far more often under the model's own.
     assert resident.stats.prediction_precision < model.stats.prediction_precision - 0.2
+
+
+def test_the_hint_gate_closes_near_chance_and_reopens_when_guesses_improve() -> None:
+    gate = HintGate(floor=0.7, window=4)
+    assert gate.open(3) and gate.precision(3) is None  # a layer starts open
+    for _ in range(6):
+        gate.record(3, (0, 1), (1, 2))  # half right: chance for top-2 of 4
+    assert not gate.open(3) and abs(gate.precision(3) - 0.5) < 1e-9
+    assert gate.open(5)  # per layer
+    for _ in range(6):
+        gate.record(3, (1, 2), (1, 2))
+    assert gate.open(3)
+    with pytest.raises(Exception, match="floor"):
+        HintGate(floor=1.5)
+
+
+def test_withheld_hints_change_no_answer_and_read_fewer_bytes_under_uniform_routing(tiny) -> None:
+    bundle = tiny.bundle(FAMILY, "int4")
+    budget = 4 * one_expert_bytes(bundle)
+    runs = {}
+    for floor in (0.0, 0.7):  # 0.0: every guess is hinted, as before the gate
+        moe: list = []
+        tokens, logits, stats = run_engine(bundle, tiny.image, budget, "edgemoe", max_tokens=16, routing="uniform",
+                                           gate=HintGate(floor=floor), moe_out=moe)
+        runs[floor] = tokens, logits, stats, moe[0].predictions.summary()
+    (t0, l0, s0, p0), (t1, l1, s1, p1) = runs[0.0], runs[0.7]
+    assert t0 == t1 and all(np.array_equal(a, b) for a, b in zip(l0, l1))
+    assert p0.withheld == 0 and p1.withheld > 0
+    assert s1.cache.bytes_loaded < s0.cache.bytes_loaded, (s1.cache.bytes_loaded, s0.cache.bytes_loaded)

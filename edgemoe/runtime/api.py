@@ -28,16 +28,19 @@ import numpy as np
 import psutil
 
 from edgemoe.bundle import Bundle
+from edgemoe.bundle.entries import MANIFEST_NAME
 from edgemoe.errors import EdgeMoEError
-from edgemoe.model.image import ImageSource, image_key, prepare_image
+from edgemoe.model.image import ImageInput, ImageSource, image_key, prepare_image
 from edgemoe.model.prompt import Conversation
 from edgemoe.model.tokenizer import Tokenizer, load_tokenizer
 from edgemoe.offload.policies import DEFAULT_POLICY
+from edgemoe.offload.prepacked import cache_root
 from edgemoe.runtime.budget import BudgetPlan, plan_budget
 from edgemoe.runtime.live_budget import LiveBudget, close_vision
 from edgemoe.runtime.detokenize import TextStream
 from edgemoe.runtime.engine import Engine, splice_positions
 from edgemoe.runtime.moe import MoELayer
+from edgemoe.runtime.prompt_cache import PromptCache, pixels_digest
 from edgemoe.runtime.options import DEFAULT_MAX_TOKENS, GenerationOptions, resolve_memory_budget
 from edgemoe.runtime.providers import make_provider, open_expert_store, resident_sizes, store_kind
 from edgemoe.runtime.routing import Routers, routers_for
@@ -105,6 +108,8 @@ class ChatSession:
         self._vision_bytes = 0  # what closing the vision tower gave back (measured; under a memory budget)
         self._encode_s = self._encode_mark = 0.0  # seconds spent encoding images (all, and before this answer)
         self._live: LiveBudget | None = None  # the plan kept true as the conversation grows
+        self.prompt_cache = (PromptCache.for_bundle(cache_root() / "prompts", self.bundle.root / MANIFEST_NAME)
+                             if options.prompt_cache else None)  # image prefixes on disk (runtime.prompt_cache)
         self._load_s = time.monotonic() - t0
 
     # -- the conversation -------------------------------------------------------------------------
@@ -207,20 +212,30 @@ class ChatSession:
         tiled = len(self.images) <= 2  # upstream tiles one or two images, more go in as one view each
         keys = [(image_key(source), tiled) for source in self.images]
         missing = [(key, source) for key, source in zip(keys, self.images) if key not in self._features]
-        if missing:
-            if self._live is not None and not self.trunk.vision_resident:
-                self._live.vision_reopening()
-            start = time.monotonic()
-            for key, source in missing:
-                self._features[key] = self.trunk.encode_image(prepare_image(
-                    source, manifest.processor_config(), aspect, self.config.candidate_resolutions, tiled))
-            self._encode_s += time.monotonic() - start
-            if self.memory_budget is not None:  # the tower leaves the process until the next image
-                self._vision_bytes = max(self._vision_bytes, close_vision(self.trunk))
-                if self._live is not None:
-                    self._live.vision_closed(self._vision_bytes)
+        start = time.monotonic()
+        for key, source in missing:
+            self._features[key] = self._encode(prepare_image(source, manifest.processor_config(), aspect,
+                                                             self.config.candidate_resolutions, tiled))
+        self._encode_s += time.monotonic() - start
+        if missing and self.memory_budget is not None:  # the tower leaves the process until the next image
+            self._vision_bytes = max(self._vision_bytes, close_vision(self.trunk))
+            if self._live is not None:
+                self._live.vision_closed(self._vision_bytes)
         self._features = {key: self._features[key] for key in keys}  # forget images no longer asked about
         return [self._features[key] for key in keys]
+
+    def _encode(self, image: ImageInput) -> np.ndarray:
+        """One prepared image's projected rows: from the prompt cache when it has them, else the tower's."""
+        cache = self.prompt_cache
+        key = pixels_digest(image) if cache is not None else ""
+        rows = cache.features(key) if cache is not None else None
+        if rows is None:
+            if self._live is not None and not self.trunk.vision_resident:
+                self._live.vision_reopening()
+            rows = self.trunk.encode_image(image)
+            if cache is not None:
+                cache.save_features(key, rows)
+        return rows
 
     def _generate(self, engine: Engine, ids: list[int], limit: int, emit: "_Emitter", t0: float,
                   rss: RssSampler, before: CounterSnapshot, sampler: Sampler, stops: Sequence[str],
@@ -266,8 +281,9 @@ class ChatSession:
         opts = self.options
         capacity = self._context_tokens or prompt_positions + self._reserve_turns * opts.max_tokens
         moe = MoELayer(self.routers, _NoProvider(), self.config.moe.layers, self.config.moe.top_k,
-                       prefetch=opts.prefetch, lookahead=opts.lookahead)
+                       prefetch=opts.prefetch, lookahead=opts.lookahead, hint_floor=opts.hint_floor)
         engine = Engine(self.trunk, moe, self.logit_limit, capacity, context_limit=opts.ctx_size)
+        engine.prompt_cache = self.prompt_cache
         engine.warm_up()
         store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress)  # before the baseline
         self.provider = moe.provider = self._provider(store, engine, prompt_positions)
@@ -321,7 +337,7 @@ class ChatSession:
             disk_read_bytes=delta.disk_read, decode_disk_read_bytes=decode.disk_read if decode else None,
             image_encode_s=self._encode_s - self._encode_mark, prefill_expert_load_s=prefill.counters.load_seconds,
             prefill_hash_s=prefill.hash_seconds, prefetched_in_time=delta.counters.in_time,
-            prefetched_late=delta.counters.late, routing=self.options.routing)
+            prefetched_late=delta.counters.late, hints_withheld=delta.withheld, routing=self.options.routing)
 
     # -- lifetime ---------------------------------------------------------------------------------
 

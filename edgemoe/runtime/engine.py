@@ -12,7 +12,10 @@ is yielded, as HF's generate returns it) or `max_tokens`.
 The engine remembers which token sits at each cached position (`context`, image rows marked, plus
 a digest of the image features they hold). A later `prefill` reuses the longest common prefix of
 the cache and the new prompt and computes only the rest (multi-turn chat: the earlier turns stay
-cached); a different image or a changed turn truncates there and recomputes.
+cached); a different image or a changed turn truncates there and recomputes. With a `prompt_cache`
+(`runtime.prompt_cache.PromptCache`), a prompt whose image prefix (every position up to the end of its
+last image) is not cached here is looked up on disk and, if found, read into the cache instead of
+computed; a prefix computed here is saved there.
 
 Shape legend: S positions in this call, H hidden, V vocabulary, N image tokens, L' spliced length.
 """
@@ -30,6 +33,7 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.model.prompt import IMAGE_TOKEN_INDEX
 from edgemoe.runtime.kv_cache import KVCache
 from edgemoe.runtime.moe import MoELayer
+from edgemoe.runtime.prompt_cache import PromptCache
 from edgemoe.runtime.sampling import Sampler
 from edgemoe.runtime.trunk import Trunk
 
@@ -78,6 +82,14 @@ def splice_positions(ids: Sequence[int], image_tokens: int | Sequence[int]) -> l
     return out
 
 
+def image_prefix_end(positions: Sequence[int]) -> int:
+    """Spliced positions up to and including the last image row (0: no image)."""
+    for i in range(len(positions) - 1, -1, -1):
+        if positions[i] == IMAGE_TOKEN_INDEX:
+            return i + 1
+    return 0
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -98,6 +110,7 @@ class Engine:
         self.context: list[int] = []  # token per cached position (IMAGE_TOKEN_INDEX for image rows)
         self._image_digest: bytes | None = None  # which image the cached image rows hold
         self.last_prefill: PrefillInfo | None = None
+        self.prompt_cache: PromptCache | None = None  # image prefixes on disk (module docstring)
 
     @property
     def max_positions(self) -> int:
@@ -192,10 +205,17 @@ class Engine:
         self.reserve(len(positions) + reserve_after)
         self.cache.truncate(keep)
         del self.context[keep:]
+        end = image_prefix_end(positions)
+        restored = self.prompt_cache is not None and keep < end < len(positions) \
+            and self.prompt_cache.restore(self.cache, positions[:end], digest)
+        keep = end if restored else min(keep, self.cache.length)  # a restore that failed part-way emptied it
+        self.context[:] = positions[:keep]
         self.moe.reset_hints()
         x = self.embed_prompt(ids, images)[keep:]
         hidden = self.forward(x)
         self.context.extend(positions[keep:])
+        if self.prompt_cache is not None and end and not restored:
+            self.prompt_cache.save(self.cache, positions[:end], digest)
         self.last_prefill = PrefillInfo(len(positions), sum(counts), len(positions) - keep)
         return self.logits(hidden[-1:])
 

@@ -39,7 +39,8 @@ class KVCache:
         self.ort_values = self.ort_keys if self.layout.shared else [ort.OrtValue.ortvalue_from_numpy(a)
                                                                      for a in self.values]
 
-    def _buffers(self) -> list[np.ndarray]:
+    def buffers(self) -> list[np.ndarray]:
+        """Every distinct buffer: keys then values (keys alone when shared)."""
         return self.keys if self.layout.shared else self.keys + self.values
 
     @property
@@ -48,7 +49,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._buffers())
+        return sum(a.nbytes for a in self.buffers())
 
     def room(self) -> int:
         return self.capacity - self.length
@@ -57,9 +58,9 @@ class KVCache:
         """Make room for `capacity` positions, keeping the valid rows (one copy, only when growing)."""
         if capacity <= self.capacity:
             return
-        old, n = self._buffers(), self.length
+        old, n = self.buffers(), self.length
         self._alloc(capacity)
-        for new, was in zip(self._buffers(), old):
+        for new, was in zip(self.buffers(), old):
             new[:, :, :n] = was[:, :, :n]
 
     def truncate(self, length: int) -> None:

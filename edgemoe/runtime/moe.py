@@ -14,7 +14,9 @@ between neighbouring layers; Mixtral-offloading's trick), so paging overlaps thi
 The hint goes out once the provider has delivered the first expert, i.e. after it has pinned this
 layer's resident experts and queued its misses, so a guess can never evict what this layer needs.
 The guess is `edgemoe.offload.predictor.RouterPredictor` by default (any `ExpertPredictor` fits);
-`predictions` (a `PredictionStats`) scores every guess against what that layer then needs.
+`predictions` (a `PredictionStats`) scores every guess against what that layer then needs, and a
+`HintGate` withholds the guesses of a layer whose running precision is near chance (they are still
+scored, so the gate reopens when they improve).
 
 Shape legend: N tokens, H hidden, E experts, K experts per token.
 """
@@ -28,7 +30,7 @@ import numpy as np
 
 from edgemoe.errors import EdgeMoEError
 from edgemoe.keys import ExpertKey
-from edgemoe.offload.predictor import ExpertPredictor, PredictionStats, RouterPredictor
+from edgemoe.offload.predictor import HINT_FLOOR, ExpertPredictor, HintGate, PredictionStats, RouterPredictor
 from edgemoe.offload.protocols import ExpertProvider
 from edgemoe.runtime.routing import Routers, Routing
 
@@ -45,13 +47,15 @@ class MoELayer:
     """Every MoE layer of a model, sharing one provider and one set of routers."""
 
     def __init__(self, routers: Routers, provider: ExpertProvider, moe_layers: tuple[int, ...], top_k: int,
-                 predictor: ExpertPredictor | None = None, prefetch: bool = True, lookahead: int = 1) -> None:
+                 predictor: ExpertPredictor | None = None, prefetch: bool = True, lookahead: int = 1,
+                 hint_floor: float = HINT_FLOOR) -> None:
         self.routers, self.provider, self.top_k, self.prefetch = routers, provider, top_k, prefetch
         self.moe_layers = tuple(sorted(moe_layers))
         self.predictor = predictor or RouterPredictor(routers.weights, self.moe_layers, top_k, rule=routers.rule,
                                                       biases=routers.biases, lookahead=lookahead)
         self._hinted: dict[int, tuple[int, ...]] = {}  # layer -> experts hinted for its next call
         self.predictions = PredictionStats()
+        self.gate = HintGate(hint_floor)
 
     def forward(self, layer: int, h: np.ndarray, m: np.ndarray, shared: np.ndarray | None = None) -> np.ndarray:
         """h, m [N, H] -> h + moe(m) [N, H]; `shared` (the always-on shared experts' output on m, where the
@@ -61,6 +65,7 @@ class MoELayer:
         hinted = self._hinted.pop(layer, None)
         if hinted is not None:
             self.predictions.record(hinted, needed)
+            self.gate.record(layer, hinted, needed)
         self.predictor.observe(layer, needed)
         run_layer = getattr(self.provider, "run_layer", None)
         if run_layer is not None:  # fused experts: the whole layer in one call, nothing to page
@@ -75,7 +80,10 @@ class MoELayer:
             return
         for target, guess in self.predictor.predict(layer, m).items():
             self._hinted[target] = guess
-            self.provider.hint(target, guess)
+            if self.gate.open(target):
+                self.provider.hint(target, guess)
+            else:
+                self.predictions.withhold(len(guess))
 
     def _run_experts(self, layer: int, needed: tuple[int, ...], routing: Routing,
                      m: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:

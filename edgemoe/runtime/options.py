@@ -17,6 +17,7 @@ import psutil
 from edgemoe.errors import EdgeMoEError
 from edgemoe.offload.budget import format_bytes, parse_size
 from edgemoe.offload.policies import DEFAULT_POLICY, POLICIES
+from edgemoe.offload.predictor import HINT_FLOOR
 from edgemoe.offload.prefetcher import DEFAULT_LOADERS
 from edgemoe.runtime.providers import EXPERT_STORES
 from edgemoe.runtime.routing import ROUTINGS
@@ -49,6 +50,8 @@ class GenerationOptions:
     ctx_size: int | None = None  # context positions (prompt + answers); None: the model's own
     lookahead: int = 1  # MoE layers ahead whose experts are predicted and paged in (more: earlier, less sure)
     loaders: int = DEFAULT_LOADERS  # background threads paging experts in (several keep several reads in flight)
+    hint_floor: float = HINT_FLOOR  # a layer's guesses are paged in only while its running precision is >= this
+    prompt_cache: bool = False  # keep image prefixes (features and KV rows) on disk (runtime.prompt_cache)
     routing: str = "model"  # "uniform": benchmark mode, experts drawn at random (runtime.routing.routers_for)
 
     def __post_init__(self) -> None:
@@ -63,6 +66,8 @@ class GenerationOptions:
             raise EdgeMoEError(f"unknown eviction policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
         if self.routing not in ROUTINGS:
             raise EdgeMoEError(f"unknown routing {self.routing!r}: expected one of {', '.join(ROUTINGS)}")
+        if not 0.0 <= self.hint_floor <= 1.0:
+            raise EdgeMoEError(f"the hint floor is a precision in [0, 1], got {self.hint_floor}")
         if self.loaders < 1:
             raise EdgeMoEError(f"loaders must be at least 1 thread, got {self.loaders}")
         if self.lookahead < 1:

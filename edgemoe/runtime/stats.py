@@ -57,6 +57,7 @@ class GenerationStats:
     prefetched_in_time: int = 0  # of cache_hits: experts a hint loaded before the layer asked (first use)
     prefetched_late: int = 0  # of cache_misses: hinted experts still loading when the layer asked
     decode_disk_read_bytes: int | None = None  # those read after the first token
+    hints_withheld: int = 0  # guessed experts not paged in: their layer's guesses were near chance (HintGate)
     routing: str = "model"  # "uniform": the benchmark mode (runtime.routing), not the model's answers
 
     @property
@@ -120,18 +121,20 @@ class CounterSnapshot:
     correct: int
     disk_read: int | None = None  # /proc/self/io read_bytes: what really came from storage
     hash_seconds: float = 0.0  # the bundle's hashing time so far
+    withheld: int = 0  # guessed experts the hint gate did not send
 
     @classmethod
     def take(cls, provider: Any, predictions: Any, hash_seconds: float = 0.0) -> "CounterSnapshot":
         """`predictions`: the MoE layer's prediction record (anything with `summary()`)."""
         p = predictions.summary()
-        return cls(provider_counters(provider), p.predicted, p.needed, p.correct, storage_read_bytes(), hash_seconds)
+        return cls(provider_counters(provider), p.predicted, p.needed, p.correct, storage_read_bytes(), hash_seconds,
+                   p.withheld)
 
     def __sub__(self, other: "CounterSnapshot") -> "CounterSnapshot":
         disk = None if self.disk_read is None or other.disk_read is None else self.disk_read - other.disk_read
         return CounterSnapshot(self.counters - other.counters, self.predicted - other.predicted,
                                self.needed - other.needed, self.correct - other.correct, disk,
-                               self.hash_seconds - other.hash_seconds)
+                               self.hash_seconds - other.hash_seconds, self.withheld - other.withheld)
 
 
 def rss_high_water() -> int:

@@ -102,7 +102,8 @@ class Trunk:
             f = SafetensorsFile(bundle.path_of(LAYOUT_FILE))
             layout = {name: f.tensor(name) for name in f.infos}
         embedding = MappedEmbedding.open(bundle.graph_path("embed"))
-        trunk = cls(cfg, load("vision"), load("projector"), None, None, [], {}, {}, layout, embedding)
+        # The vision tower opens on the first image it encodes (a prompt cache hit never needs it).
+        trunk = cls(cfg, None, load("projector"), None, None, [], {}, {}, layout, embedding)
         trunk.reopen_vision = lambda: load("vision")
         trunk._load = lambda: trunk._open_language_model(load)
         if language_model:
