@@ -252,8 +252,8 @@ def chat(bundle: BundleDir, **flags: Any) -> None:
 
 
 @app.command()
-@generation_flags(without=("image", "as_json", "routing"), max_tokens="Default most tokens per answer (a request's "
-                                                           "max_tokens overrides).",
+@generation_flags(without=("image", "as_json", "routing", "routing_trace"),
+                  max_tokens="Default most tokens per answer (a request's max_tokens overrides).",
                   temperature="Default temperature (a request's overrides).", seed="Default sampling seed.")
 def serve(bundle: BundleDir,
           host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),

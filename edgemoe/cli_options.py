@@ -63,6 +63,8 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
     "hint_floor": Flag(float, HINT_FLOOR, "--hint-floor", "Page a MoE layer's predicted experts in only while its "
                                                    "running prediction precision is at least this (0: always; "
                                                    "guesses near chance read more than they save)."),
+    "routing_trace": Flag(Optional[str], None, "--routing-trace", "Write every MoE layer call's routing to this "
+                                                                  "file (JSON lines), for bench/routing_replay.py."),
     "prompt_cache": Flag(bool, False, "--prompt-cache", "Keep each image's features and prompt prefix (its KV "
                                                         "rows) on disk in the edgemoe cache, so a later question "
                                                         "about the same image skips the vision tower and the "
@@ -86,7 +88,7 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
 # The flags that are GenerationOptions fields.
 GENERATION_FIELDS = ("max_tokens", "memory_budget", "expert_budget", "policy", "temperature", "top_p", "seed",
                      "expert_store", "top_k", "min_p", "repeat_penalty", "system", "threads", "ctx_size", "lookahead", "loaders",
-                     "routing", "prompt_cache", "hint_floor")
+                     "routing", "prompt_cache", "hint_floor", "routing_trace")
 
 
 def generation_flags(*, without: tuple[str, ...] = (), **helps: str) -> Callable[[F], F]:

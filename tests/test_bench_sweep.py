@@ -118,6 +118,14 @@ def test_expert_stores_run_side_by_side(tmp_path: Path, fake_python: Path) -> No
         BenchOptions.parse("100%", None, "lru", "mapped,disk")
 
 
+def test_torch_peer_dtypes_parse_and_none_skips_them() -> None:
+    assert BenchOptions.parse("100%").peer_dtypes == ("fp32", "bf16")
+    assert BenchOptions.parse("100%", torch_dtypes="bf16").peer_dtypes == ("bf16",)
+    assert BenchOptions.parse("100%", torch_dtypes="none").peer_dtypes == ()
+    with pytest.raises(BenchError, match="--torch-dtypes"):
+        BenchOptions.parse("100%", torch_dtypes="fp8")
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgemoe.cli", *args], capture_output=True, text=True, timeout=300)
 

@@ -44,6 +44,7 @@ from edgemoe.runtime.prompt_cache import PromptCache, pixels_digest
 from edgemoe.runtime.options import DEFAULT_MAX_TOKENS, GenerationOptions, resolve_memory_budget
 from edgemoe.runtime.providers import make_provider, open_expert_store, resident_sizes, store_kind
 from edgemoe.runtime.routing import Routers, routers_for
+from edgemoe.runtime.routing_trace import RoutingTrace
 from edgemoe.runtime.sampling import Sampler
 from edgemoe.runtime.sessions import configure_process
 from edgemoe.runtime.stats import (Clock, CounterSnapshot, GenerationResult, GenerationStats, RssSampler,
@@ -284,6 +285,8 @@ class ChatSession:
                        prefetch=opts.prefetch, lookahead=opts.lookahead, hint_floor=opts.hint_floor)
         engine = Engine(self.trunk, moe, self.logit_limit, capacity, context_limit=opts.ctx_size)
         engine.prompt_cache = self.prompt_cache
+        if opts.routing_trace:
+            moe.trace = RoutingTrace(opts.routing_trace)
         engine.warm_up()
         store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress)  # before the baseline
         self.provider = moe.provider = self._provider(store, engine, prompt_positions)
@@ -345,6 +348,8 @@ class ChatSession:
         if self.provider is not None:
             self.provider.close()
             self.provider = None
+        if self.engine is not None and self.engine.moe.trace is not None:
+            self.engine.moe.trace.close()
 
     def __enter__(self) -> "ChatSession":
         return self

@@ -33,6 +33,7 @@ from edgemoe.keys import ExpertKey
 from edgemoe.offload.predictor import HINT_FLOOR, ExpertPredictor, HintGate, PredictionStats, RouterPredictor
 from edgemoe.offload.protocols import ExpertProvider
 from edgemoe.runtime.routing import Routers, Routing
+from edgemoe.runtime.routing_trace import RoutingTrace
 
 
 def run_expert(runner: Any, x: np.ndarray) -> np.ndarray:
@@ -56,11 +57,14 @@ class MoELayer:
         self._hinted: dict[int, tuple[int, ...]] = {}  # layer -> experts hinted for its next call
         self.predictions = PredictionStats()
         self.gate = HintGate(hint_floor)
+        self.trace: RoutingTrace | None = None  # every call's routing, written down for replay (bench)
 
     def forward(self, layer: int, h: np.ndarray, m: np.ndarray, shared: np.ndarray | None = None) -> np.ndarray:
         """h, m [N, H] -> h + moe(m) [N, H]; `shared` (the always-on shared experts' output on m, where the
         model has them) joins the routed sum before the residual, as the reference adds it."""
         routing = self.routers.route(layer, m, self.top_k)  # route
+        if self.trace is not None:
+            self.trace.record(layer, routing)
         needed = routing.needed()
         hinted = self._hinted.pop(layer, None)
         if hinted is not None:

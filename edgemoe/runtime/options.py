@@ -52,6 +52,7 @@ class GenerationOptions:
     loaders: int = DEFAULT_LOADERS  # background threads paging experts in (several keep several reads in flight)
     hint_floor: float = HINT_FLOOR  # a layer's guesses are paged in only while its running precision is >= this
     prompt_cache: bool = False  # keep image prefixes (features and KV rows) on disk (runtime.prompt_cache)
+    routing_trace: str | None = None  # a file to write every MoE layer call's routing to (runtime.routing_trace)
     routing: str = "model"  # "uniform": benchmark mode, experts drawn at random (runtime.routing.routers_for)
 
     def __post_init__(self) -> None:
