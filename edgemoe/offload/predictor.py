@@ -236,8 +236,8 @@ class HintGate:
 
     Why: a right hint only hides a read the layer would make anyway; a wrong one reads an expert nobody
     uses and evicts one that might be used. Near chance (routing no predictor can follow: K/E, 0.5 for
-    top-2 of 4) prefetching reads more bytes than on-demand loading and a cache of the same size would
-    (measured: 1.7-1.8x a static cache under uniform routing), so a closed layer's guesses are still
+    top-2 of 4) prefetching reads more bytes than on-demand loading would (measured on StableLM under
+    uniform routing: 1.5-1.6x a static cache of the same size). So a closed layer's guesses are still
     made and scored, to reopen the gate when they improve, but not sent. The floor sits between chance
     for the families here (0.09-0.5) and what the router trick scores on routing it can follow (0.9).
     """
