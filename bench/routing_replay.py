@@ -14,6 +14,8 @@ experts; a mixed-precision bundle would need per-expert sizes). Over the decode 
                   knowing only the prompt);
   lru-demand      an LRU cache of C experts loaded on demand only, no prefetch, starting from the
                   static-prefill set;
+  pinned-P        the prompt's P x C most-routed experts pinned, an on-demand LRU of the other
+                  (1 - P) x C (for P in 0.5, 0.75, 0.9: how much of a cache to pin);
   uniform         (1 - C / experts) x top-k x MoE layers: a static cache under uniform routing.
 Each is printed in MB per token (loads x one expert's bytes) next to the run's own paged bytes and disk
 reads per decoded token. Routing is whatever the run used: label it (the generated checkpoints' routing
@@ -30,6 +32,7 @@ from pathlib import Path
 from edgemoe.runtime.routing_trace import TraceRecord, read_trace
 
 Key = tuple[int, int]  # (layer, expert)
+PINNED_FRACTIONS = (0.5, 0.75, 0.9)
 
 
 def _used(record: TraceRecord) -> list[Key]:
@@ -53,6 +56,15 @@ def lru_loads(decode: list[TraceRecord], capacity: int, start: list[Key]) -> int
             if len(cache) > capacity:
                 cache.popitem(last=False)
     return loads
+
+
+def pinned_lru_loads(decode: list[TraceRecord], capacity: int, order: list[Key], fraction: float) -> int:
+    """Loads with the first `fraction` of `capacity` of `order` pinned and an LRU over the rest."""
+    k = int(capacity * fraction)
+    pinned = set(order[:k])
+    rest = [r for r in (TraceRecord(r.layer, r.tokens, {e: c for e, c in r.experts.items() if (r.layer, e) not in pinned})
+                        for r in decode)]
+    return lru_loads(rest, capacity - k, order[k:]) if capacity > k else sum(len(r.experts) for r in rest)
 
 
 def top(counter: Counter, n: int) -> list[Key]:
@@ -81,6 +93,9 @@ def replay(stats: dict, records: list[TraceRecord]) -> dict:
     loads = {"static-oracle": static_loads(decode, set(top(decode_use, capacity))),
              "static-prefill": static_loads(decode, set(prefill_set)),
              "lru-demand": lru_loads(decode, capacity, prefill_set)}
+    order = top(prefill_use, len(prefill_use))
+    for fraction in PINNED_FRACTIONS:
+        loads[f"pinned-{fraction}"] = pinned_lru_loads(decode, capacity, order, fraction)
     per_token = {k: v / tokens * one for k, v in loads.items()}
     per_token["uniform"] = (1 - capacity / experts_total) * top_k * len(layers) * one
     new = max(stats["new_tokens"] - 1, 1)
