@@ -71,7 +71,9 @@ class GenerationStats:
     def summary(self) -> str:
         """One line for people: prompt, speed, experts, memory."""
         speed = "-" if self.decode_tokens_per_s is None else f"{self.decode_tokens_per_s:.1f}"
-        parts = [f"{self.prompt_tokens} prompt tokens ({self.image_tokens} image)",
+        reused = self.prompt_tokens - self.prefill_tokens  # a chat's earlier turns, or a prompt cache hit
+        parts = [f"{self.prompt_tokens} prompt tokens ({self.image_tokens} image"
+                 + (f", {reused} reused)" if reused > 0 else ")"),
                  f"first token {self.time_to_first_token_s:.2f} s (image {self.image_encode_s:.2f} s, experts loading "
                  f"{self.prefill_expert_load_s:.2f} s)", f"{self.new_tokens} tokens at {speed} tok/s",
                  f"experts {self.cache_hits} hits / {self.cache_misses} misses ({self.policy})",
