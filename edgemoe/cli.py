@@ -147,8 +147,7 @@ def bench(
     from edgemoe.bench.prompt import DEFAULT_QUESTION
 
     options = BenchOptions.parse(expert_budgets, memory_budgets, policies, expert_stores, torch_dtypes, tokens=tokens,
-                                 image=image,
-                                 question=question or DEFAULT_QUESTION, peers=peers, checkpoint=checkpoint,
+                                 image=image, question=question or DEFAULT_QUESTION, peers=peers, checkpoint=checkpoint,
                                  cold=not warm, offload_dir=offload_dir, timeout_s=timeout, routing=routing)
     with _phase_progress() as progress:
         report = run_bench(bundle, options, progress)

@@ -39,7 +39,7 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.offload.footprint import model_files
 from edgemoe.offload.policies import DEFAULT_POLICY, POLICIES
 from edgemoe.runtime.providers import EXPERT_STORES
-from edgemoe.runtime.routing import ROUTINGS
+from edgemoe.runtime.routing import check_routing
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,10 @@ class BenchOptions:
             raise BenchError("--peers needs --checkpoint CKPT (the checkpoint the bundle was exported from)")
         if self.checkpoint is not None and not Path(self.checkpoint).is_dir():
             raise BenchError(f"--checkpoint {self.checkpoint} is not a directory")
-        if self.routing not in ROUTINGS:
-            raise BenchError(f"--routing: expected one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        try:
+            check_routing(self.routing)
+        except EdgeMoEError as exc:
+            raise BenchError(f"--routing: {exc}") from None
         if self.image is not None and not Path(self.image).is_file():
             raise BenchError(f"--image {self.image} is not a file")
 

@@ -227,16 +227,19 @@ class ChatSession:
 
     def _encode(self, image: ImageInput) -> np.ndarray:
         """One prepared image's projected rows: from the prompt cache when it has them, else the tower's."""
-        cache = self.prompt_cache
-        key = pixels_digest(image) if cache is not None else ""
-        rows = cache.features(key) if cache is not None else None
+        if self.prompt_cache is None:
+            return self._run_tower(image)
+        key = pixels_digest(image)
+        rows = self.prompt_cache.features(key)
         if rows is None:
-            if self._live is not None and not self.trunk.vision_resident:
-                self._live.vision_reopening()
-            rows = self.trunk.encode_image(image)
-            if cache is not None:
-                cache.save_features(key, rows)
+            rows = self._run_tower(image)
+            self.prompt_cache.save_features(key, rows)
         return rows
+
+    def _run_tower(self, image: ImageInput) -> np.ndarray:
+        if self._live is not None and not self.trunk.vision_resident:
+            self._live.vision_reopening()
+        return self.trunk.encode_image(image)
 
     def _generate(self, engine: Engine, ids: list[int], limit: int, emit: "_Emitter", t0: float,
                   rss: RssSampler, before: CounterSnapshot, sampler: Sampler, stops: Sequence[str],

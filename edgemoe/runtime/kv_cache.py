@@ -3,8 +3,9 @@
 Contract: one C-contiguous float32 buffer [1, KVH, MAX, D] for keys and one for values per decoder
 layer, allocated once; a shared layout (MLA's latent [c | k_pe], `KVLayout.shared`) has one buffer
 per layer that is both (`values[n] is keys[n]`), so it costs KVH x D values a position. The attention
-graph takes the buffer as past_key and writes its new rows into the same memory as present_key (IOBinding, see `trunk.Trunk.attention`), so a decoded token
-copies nothing: rows 0..length-1 hold the context, rows past it are scratch. `length` is the
+graph takes the buffer as past_key and writes its new rows into the same memory as present_key
+(IOBinding, see `trunk.Trunk.attention`), so a decoded token copies nothing: rows 0..length-1 hold
+the context, rows past it are scratch. `buffers()` lists each distinct buffer once. `length` is the
 number of valid rows; `truncate(n)` forgets rows (multi-turn reuse keeps a common prefix) and
 `reserve(capacity)` grows the buffers by one copy when a conversation outgrows them.
 

@@ -20,7 +20,7 @@ from edgemoe.offload.policies import DEFAULT_POLICY, POLICIES
 from edgemoe.offload.predictor import HINT_FLOOR
 from edgemoe.offload.prefetcher import DEFAULT_LOADERS
 from edgemoe.runtime.providers import EXPERT_STORES
-from edgemoe.runtime.routing import ROUTINGS
+from edgemoe.runtime.routing import check_routing
 from edgemoe.runtime.sampling import Sampler
 
 DEFAULT_MAX_TOKENS = 128
@@ -65,8 +65,7 @@ class GenerationOptions:
                                "--expert-store mapped, sessions or auto")
         if self.policy not in POLICIES:
             raise EdgeMoEError(f"unknown eviction policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
-        if self.routing not in ROUTINGS:
-            raise EdgeMoEError(f"unknown routing {self.routing!r}: expected one of {', '.join(ROUTINGS)}")
+        check_routing(self.routing)
         if not 0.0 <= self.hint_floor <= 1.0:
             raise EdgeMoEError(f"the hint floor is a precision in [0, 1], got {self.hint_floor}")
         if self.loaders < 1:

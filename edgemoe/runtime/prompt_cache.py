@@ -26,6 +26,7 @@ File format (`.kv`): 8 bytes little-endian header length, a JSON header {"shape"
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -112,11 +113,9 @@ class PromptCache:
             return
         try:
             rows = np.ascontiguousarray(rows, np.float32)
-            header = np.lib.format.header_data_from_array_1_0(rows)
-            with tempfile.SpooledTemporaryFile() as buf:
-                np.lib.format.write_array_header_1_0(buf, header)
-                buf.seek(0)
-                _write_whole(path, [buf.read(), rows.data])
+            header = io.BytesIO()  # the .npy header, then the rows as they lie in memory
+            np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(rows))
+            _write_whole(path, [header.getvalue(), rows.data])
         except OSError as exc:
             log.warning("prompt cache: could not save image features to %s: %s", path, exc)
 

@@ -89,8 +89,13 @@ class UniformRouters(Routers):
         return Routing(experts, own.weights, own.probs)
 
 
-def routers_for(routers: Routers, mode: str, seed: int = 0) -> Routers:
-    """The routers a run uses: the model's ("model") or the uniform benchmark mode ("uniform")."""
+def check_routing(mode: str) -> None:
+    """A one-line EdgeMoEError unless `mode` is one of `ROUTINGS`."""
     if mode not in ROUTINGS:
         raise EdgeMoEError(f"unknown routing {mode!r}: expected one of {', '.join(ROUTINGS)}")
+
+
+def routers_for(routers: Routers, mode: str, seed: int = 0) -> Routers:
+    """The routers a run uses: the model's ("model") or the uniform benchmark mode ("uniform")."""
+    check_routing(mode)
     return routers if mode == "model" else UniformRouters(routers, seed)
