@@ -129,10 +129,13 @@ def bench(
     image: Optional[Path] = typer.Option(None, "--image", help="The image to ask about (default: a synthetic one)."),
     question: Optional[str] = typer.Option(None, "--question", help="The question (default: describe the image)."),
     tokens: int = typer.Option(32, "--tokens", help="Tokens to generate per run."),
-    peers: bool = typer.Option(False, "--peers", help="Also run torch fp32/bf16, accelerate offload, all-resident."),
+    peers: bool = typer.Option(False, "--peers", help="Also run the peers: torch fp32/bf16, transformers bf16 "
+                               "(static cache), accelerate offload, all experts resident."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The checkpoint the peers load."),
     torch_dtypes: str = typer.Option("fp32,bf16", "--torch-dtypes", help="The fully resident torch peers' dtypes "
                                      "(with --peers; none: skip them, for a model larger than RAM)."),
+    transformers_dtypes: str = typer.Option("bf16", "--transformers-dtypes", help="The transformers peer's dtypes: "
+                                            "transformers' own classes on a StaticCache (with --peers; none: skip)."),
     warm: bool = typer.Option(False, "--warm", help="Keep the bundle in the page cache between runs."),
     offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="accelerate's weight folder (kept)."),
     timeout: float = typer.Option(3600, "--timeout", help="Seconds before a run is stopped."),
@@ -146,7 +149,8 @@ def bench(
     from edgemoe.bench import BenchOptions, plot_report, render_report, run_bench
     from edgemoe.bench.prompt import DEFAULT_QUESTION
 
-    options = BenchOptions.parse(expert_budgets, memory_budgets, policies, expert_stores, torch_dtypes, tokens=tokens,
+    options = BenchOptions.parse(expert_budgets, memory_budgets, policies, expert_stores, torch_dtypes,
+                                 transformers_dtypes, tokens=tokens,
                                  image=image, question=question or DEFAULT_QUESTION, peers=peers, checkpoint=checkpoint,
                                  cold=not warm, offload_dir=offload_dir, timeout_s=timeout, routing=routing)
     with _phase_progress() as progress:

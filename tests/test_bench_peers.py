@@ -95,14 +95,16 @@ def test_peers_run_in_fresh_processes(tiny: Path, image: Path, tmp_path: Path) -
     fake.chmod(0o755)
     bundle = Bundle.open(write_bundle(tmp_path / "bundle", synthetic_manifest()))
     options = BenchOptions(expert_budgets=parse_budgets("50%"), tokens=4, peers=True, checkpoint=tiny,
-                           peer_dtypes=("fp32",), accelerate_dtype="fp32", python=str(fake), image=image)
+                           peer_dtypes=("fp32",), transformers_dtypes=("fp32",), accelerate_dtype="fp32", python=str(fake), image=image)
     ctx = SweepContext(bundle, options, image, Bandwidths(1e10, None, 1, 1, 1e9, 4e9, 1, 1), None)
     labels: list[str] = []
     peers = run_peers(ctx, [], tmp_path / "scratch", labels.append)
-    assert [p.engine for p in peers] == ["edgemoe-resident", "torch-fp32", "accelerate-fp32"]
-    assert len(labels) == peer_steps(options) == 4
+    assert [p.engine for p in peers] == ["edgemoe-resident", "torch-fp32", "transformers-fp32", "accelerate-fp32"]
+    assert len(labels) == peer_steps(options) == 5
     assert all(p.ok for p in peers), [p.error for p in peers]
-    resident, reference, offloaded = peers
+    resident, reference, hf, offloaded = peers
+    assert hf.token_ids == reference.token_ids and hf.stats.get("kv_cache") == "static"
+    assert hf.stats.prompt_tokens == reference.stats.prompt_tokens
     assert resident.expert_budget == "100%" and resident.stats.cache_hits == 100
     assert len(reference.token_ids) == 4 and reference.stats.decode_tokens_per_s > 0
     assert reference.peak_rss_bytes > 100 << 20 and reference.stats.prompt_tokens > 16

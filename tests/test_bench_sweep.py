@@ -124,6 +124,10 @@ def test_torch_peer_dtypes_parse_and_none_skips_them() -> None:
     assert BenchOptions.parse("100%", torch_dtypes="none").peer_dtypes == ()
     with pytest.raises(BenchError, match="--torch-dtypes"):
         BenchOptions.parse("100%", torch_dtypes="fp8")
+    assert BenchOptions.parse("100%").transformers_dtypes == ("bf16",)
+    assert BenchOptions.parse("100%", transformers_dtypes="none").transformers_dtypes == ()
+    with pytest.raises(BenchError, match="--transformers-dtypes"):
+        BenchOptions.parse("100%", transformers_dtypes="int4")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """The peers' side of a benchmark: one peer per fresh process, printing one JSON object like `edgemoe ask`.
 
     python -m edgemoe.bench.peer_child torch --checkpoint CKPT --dtype bf16 --image IMG --question Q --tokens N
+    python -m edgemoe.bench.peer_child transformers --checkpoint CKPT --dtype bf16 --image IMG --question Q --tokens N
     python -m edgemoe.bench.peer_child accelerate-prepare --checkpoint CKPT --dtype bf16 --offload-dir DIR
     python -m edgemoe.bench.peer_child accelerate --checkpoint CKPT --dtype bf16 --offload-dir DIR \
         --max-memory BYTES --image IMG --question Q --tokens N
@@ -12,6 +13,9 @@ token from the request (image preprocessing included) to the first id, model loa
 (`load_s`); decode tokens/s over the tokens after the first.
 
 `torch`: the reference model fully resident at fp32 or bf16: what a user runs without DeepSpeed.
+`transformers`: the same model assembled from transformers' own classes (`reference.transformers_llava`:
+StableLmForCausalLM / PhiForCausalLM with SDPA, CLIP/SigLIP vision models) decoding greedily on a
+transformers StaticCache: the torch baseline people actually use; the reference grows its cache.
 `accelerate`: Hugging Face accelerate's big-model offload of the same model with only `max_memory`
 bytes of weights in RAM: the model is built on the meta device, `infer_auto_device_map(max_memory=
 {"cpu": ...})` places modules in order on "cpu" until the budget is spent and the rest on "disk",
@@ -80,6 +84,16 @@ def image_of(ckpt, image: Path):
     return prepare_image(image, ckpt.tower.processor, cfg.image_aspect_ratio, cfg.candidate_resolutions)
 
 
+def _generation(out: list[int], stop_id: int, prompt_tokens: int, t0: float, t_first: float,
+                t_end: float) -> dict[str, Any]:
+    """`edgemoe ask`'s timing keys for ids `out`, requested at t0, first id at t_first, done at t_end."""
+    decode_s = t_end - t_first
+    rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else None
+    return {"token_ids": out, "stop_reason": "eos" if out[-1] == stop_id else "length",
+            "prompt_tokens": prompt_tokens, "time_to_first_token_s": t_first - t0,
+            "decode_s": decode_s, "decode_tokens_per_s": rate}
+
+
 def timed_generate(model, ckpt, image: Path, ids, tokens: int, stop_id: int, logit_limit: int) -> dict[str, Any]:
     """Greedy generation with the reference model's KV cache, timed like `edgemoe ask` (from the
     request, image preprocessing included, to the first id; then the tokens after it)."""
@@ -98,11 +112,7 @@ def timed_generate(model, ckpt, image: Path, ids, tokens: int, stop_id: int, log
             logits = model(step, cache, logit_limit=logit_limit)
             out.append(int(logits[0, -1].argmax()))
         t_end = time.perf_counter()
-    decode_s = t_end - t_first
-    rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else None
-    return {"token_ids": out, "stop_reason": "eos" if out[-1] == stop_id else "length",
-            "prompt_tokens": int(prompt.embeds.shape[1]), "time_to_first_token_s": t_first - t0,
-            "decode_s": decode_s, "decode_tokens_per_s": rate}
+    return _generation(out, stop_id, int(prompt.embeds.shape[1]), t0, t_first, t_end)
 
 
 def _answer(tokenizer, token_ids: list[int], stop_str: str) -> str:
@@ -134,6 +144,32 @@ def run_torch(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - t0
     gen = timed_generate(model, ckpt, args.image, ids, args.tokens, stop_id, len(tokenizer))
     _emit(tokenizer, stop_str, gen, load_s=load_s, dtype=args.dtype)
+
+
+# -- transformers' own classes, static cache -----------------------------------------------------
+
+def run_transformers(args: argparse.Namespace) -> None:
+    """`TransformersLlava` (transformers' causal LM, SDPA, MoE-LLaVA's MoE blocks) decoding on a StaticCache."""
+    import torch
+
+    from edgemoe.model.checkpoint import Checkpoint
+    from edgemoe.reference.transformers_llava import ATTENTION, TransformersLlava
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ckpt = Checkpoint.open(args.checkpoint)
+    ids, tokenizer, stop_id, stop_str = prompt_inputs(ckpt, args.question)
+    t0 = time.perf_counter()
+    model = TransformersLlava.from_checkpoint(ckpt, _torch_dtype(args.dtype))
+    load_s = time.perf_counter() - t0
+    first: list[float] = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        prompt = model.embed(ids, [model.encode(image_of(ckpt, args.image))])
+        out = model.generate(prompt.embeds, args.tokens, stop_id, len(tokenizer),
+                             on_first=lambda: first.append(time.perf_counter()))
+        t_end = time.perf_counter()
+    gen = _generation(out, stop_id, prompt.length, t0, first[0], t_end)
+    _emit(tokenizer, stop_str, gen, load_s=load_s, dtype=args.dtype, attention=ATTENTION, kv_cache="static")
 
 
 # -- accelerate ---------------------------------------------------------------------------------
@@ -264,7 +300,7 @@ def run_accelerate(args: argparse.Namespace) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edgemoe.bench.peer_child")
     sub = parser.add_subparsers(dest="peer", required=True)
-    for name in ("torch", "accelerate", "accelerate-prepare"):
+    for name in ("torch", "transformers", "accelerate", "accelerate-prepare"):
         p = sub.add_parser(name)
         p.add_argument("--checkpoint", type=Path, required=True)
         p.add_argument("--dtype", choices=DTYPES, default="bf16")
@@ -272,7 +308,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--image", type=Path, required=True)
             p.add_argument("--question", required=True)
             p.add_argument("--tokens", type=int, required=True)
-        if name != "torch":
+        if name.startswith("accelerate"):
             p.add_argument("--offload-dir", type=Path, required=True)
         if name == "accelerate":
             p.add_argument("--max-memory", type=int, required=True)
@@ -281,7 +317,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    run = {"torch": run_torch, "accelerate": run_accelerate, "accelerate-prepare": prepare_offload}[args.peer]
+    run = {"torch": run_torch, "transformers": run_transformers, "accelerate": run_accelerate, "accelerate-prepare": prepare_offload}[args.peer]
     from edgemoe.errors import EdgeMoEError
 
     try:

@@ -7,6 +7,9 @@ edgemoe runs (`child.run_child`):
                     A sweep run at 100% (no memory budget) is reused rather than run twice.
   torch-fp32/-bf16  the torch reference fully resident (`peer_child torch`): what a user runs
                     without DeepSpeed.
+  transformers-bf16 the same model from transformers' own classes with SDPA, decoding on a StaticCache
+                    (`peer_child transformers`), fully resident: the torch baseline people use.
+                    Families whose language model transformers has no class for are skipped.
   accelerate-bf16   Hugging Face accelerate's disk offload of the same torch model (`peer_child
                     accelerate`), one run per budget, given the RAM edgemoe had at that budget: the
                     memory budget when one was set, else the largest peak RSS (ru_maxrss) of the
@@ -31,6 +34,8 @@ from edgemoe.bench.child import run_child
 from edgemoe.bench.limits import evict_pages
 from edgemoe.bench.results import EDGEMOE, RESIDENT_PEER, BenchRun
 from edgemoe.bench.sweep import BenchOptions, SweepContext, run_edgemoe, run_from_child
+from edgemoe.families import family_module
+from edgemoe.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +44,8 @@ FULL = parse_budget("100%")
 
 
 def peer_steps(options: BenchOptions) -> int:
-    """Progress steps `run_peers` takes: resident, each torch dtype, the folder, one per budget."""
-    return 1 + len(options.peer_dtypes) + 1 + len(options.budget_pairs())
+    """Progress steps `run_peers` takes: resident, each torch and transformers dtype, the folder, one per budget."""
+    return 1 + len(options.peer_dtypes) + len(options.transformers_dtypes) + 1 + len(options.budget_pairs())
 
 
 def _files(root: Path) -> list[Path]:
@@ -61,15 +66,22 @@ def resident_peer(ctx: SweepContext, runs: list[BenchRun]) -> BenchRun:
     return replace(run_edgemoe(ctx, FULL, None, ctx.options.policies[0]), engine=RESIDENT_PEER)
 
 
-def torch_peer(ctx: SweepContext, dtype: str) -> BenchRun:
+def resident_torch_peer(ctx: SweepContext, kind: str, dtype: str) -> BenchRun:
+    """A fully resident torch peer (`peer_child torch` or `peer_child transformers`), labelled kind-dtype."""
     o = ctx.options
     files = _files(o.checkpoint)
     if o.cold:
         evict_pages(files)
-    cmd = [o.python, "-m", PEER_MODULE, "torch", "--dtype", dtype, *_common(ctx)]
+    cmd = [o.python, "-m", PEER_MODULE, kind, "--dtype", dtype, *_common(ctx)]
     child = run_child(cmd, timeout_s=o.timeout_s, watch_files=files)
-    return run_from_child(f"torch-{dtype}", child, policy=None, expert=None, memory=None, budget_bytes=None,
+    return run_from_child(f"{kind}-{dtype}", child, policy=None, expert=None, memory=None, budget_bytes=None,
                           tokens=o.tokens)
+
+
+def has_transformers_model(ctx: SweepContext) -> bool:
+    """Whether transformers has a class for this family's language model (the family module says)."""
+    config = Checkpoint.open(ctx.options.checkpoint).config
+    return family_module(config.family).transformers_text_model(config) is not None
 
 
 def accelerate_ram(ctx: SweepContext, runs: list[BenchRun], expert: Budget | None, memory: Budget | None) -> int:
@@ -114,8 +126,14 @@ def run_peers(ctx: SweepContext, runs: list[BenchRun], scratch: Path, step: Call
     peers = [resident_peer(ctx, runs)]
     step(peers[-1].label)
     for dtype in o.peer_dtypes:
-        peers.append(torch_peer(ctx, dtype))
+        peers.append(resident_torch_peer(ctx, "torch", dtype))
         step(peers[-1].label)
+    for dtype in o.transformers_dtypes:
+        if has_transformers_model(ctx):
+            peers.append(resident_torch_peer(ctx, "transformers", dtype))
+        else:
+            log.info("no transformers peer: transformers has no class for this family's language model")
+        step(f"transformers-{dtype}")
     folder = Path(o.offload_dir) if o.offload_dir is not None else scratch / f"accelerate-{o.accelerate_dtype}"
     failed = prepare_accelerate(ctx, folder)
     step("accelerate weight folder")

@@ -51,6 +51,14 @@ def known_policies() -> tuple[str, ...]:
     return tuple(POLICIES)
 
 
+def _dtypes(text: str, flag: str) -> tuple[str, ...]:
+    """A peer's comma-separated dtypes; "none" runs none."""
+    dtypes = () if text.strip() == "none" else tuple(d.strip() for d in text.split(",") if d.strip())
+    if any(d not in PEER_DTYPES for d in dtypes):
+        raise BenchError(f"{flag}: expected some of {', '.join(PEER_DTYPES)} or none, got {text!r}")
+    return dtypes
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     """What to sweep and how. Build from CLI strings with `BenchOptions.parse`."""
@@ -64,7 +72,8 @@ class BenchOptions:
     image: Path | None = None  # None: a synthetic image
     peers: bool = False
     checkpoint: Path | None = None
-    peer_dtypes: tuple[str, ...] = ("fp32", "bf16")
+    peer_dtypes: tuple[str, ...] = ("fp32", "bf16")  # the torch reference, fully resident
+    transformers_dtypes: tuple[str, ...] = ("bf16",)  # transformers' own classes on a StaticCache
     accelerate_dtype: str = "bf16"
     offload_dir: Path | None = None  # accelerate's weight folder; None: a temporary one
     cold: bool = True
@@ -98,7 +107,7 @@ class BenchOptions:
     @classmethod
     def parse(cls, expert_budgets: str | None = None, memory_budgets: str | None = None,
               policies: str = DEFAULT_POLICY, expert_stores: str = "auto", torch_dtypes: str = "fp32,bf16",
-              **kwargs) -> "BenchOptions":
+              transformers_dtypes: str = "bf16", **kwargs) -> "BenchOptions":
         """From the CLI's strings; expert budgets default to 100%,75%,50%,25% unless memory budgets are given."""
         if expert_budgets is None and memory_budgets is None:
             expert_budgets = DEFAULT_EXPERT_BUDGETS
@@ -107,13 +116,11 @@ class BenchOptions:
         bad = [p for p in names if p not in known]
         if bad:
             raise BenchError(f"--policies: unknown policy {bad[0]!r} (known: {', '.join(known)})")
-        dtypes = () if torch_dtypes.strip() == "none" else tuple(d.strip() for d in torch_dtypes.split(",") if d.strip())
-        if any(d not in PEER_DTYPES for d in dtypes):
-            raise BenchError(f"--torch-dtypes: expected some of {', '.join(PEER_DTYPES)} or none, got {torch_dtypes!r}")
         return cls(expert_budgets=parse_budgets(expert_budgets, "--expert-budgets"),
                    memory_budgets=parse_budgets(memory_budgets, "--memory-budgets", allow_percent=False),
                    policies=names, expert_stores=tuple(p.strip() for p in expert_stores.split(",") if p.strip()),
-                   peer_dtypes=dtypes, **kwargs)
+                   peer_dtypes=_dtypes(torch_dtypes, "--torch-dtypes"),
+                   transformers_dtypes=_dtypes(transformers_dtypes, "--transformers-dtypes"), **kwargs)
 
     def budget_pairs(self) -> list[tuple[Budget | None, Budget | None]]:
         """Every (expert budget, memory budget) to run: the product of the two lists."""

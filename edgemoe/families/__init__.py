@@ -3,9 +3,10 @@
 Contract: `family_module(family)` returns the module that knows everything family-specific about a
 model: `model_type(family)`, `parse_config(raw) -> ModelConfig`, `tower_spec(raw, config,
 checkpoint_dir) -> TowerSpec`, `tensors(config, vision) -> {canonical: TensorSpec}` and
-`vision_prefix(family)` (where a separate tower's weights sit, or None). Everything else (exporter,
-offload, runtime, bench) takes any family through one path. Imports are lazy because family modules
-import edgemoe.model.config, which consults this registry.
+`vision_prefix(family)` (where a separate tower's weights sit, or None), and for the peers
+`transformers_text_model(config)` (transformers' own config for the language model, or None).
+Everything else (exporter, offload, runtime, bench) takes any family through one path. Imports are
+lazy because family modules import edgemoe.model.config, which consults this registry.
 """
 
 from __future__ import annotations

@@ -91,6 +91,12 @@ def llamacpp_text_model(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
             "torch_dtype": "bfloat16"}, "language."
 
 
+def transformers_text_model(cfg: ModelConfig) -> dict[str, Any] | None:
+    """None: the transformers peer is built for MoE-LLaVA's layout (mlp.deepspeed_moe); DeepSeek-VL2's
+    language model (DeepseekV2ForCausalLM) is not wired to it."""
+    return None
+
+
 def _routing(lang: dict[str, Any]) -> RoutingRule:
     method = "greedy" if lang["topk_method"] == "gready" else str(lang["topk_method"])  # DeepSeek's own typo
     try:

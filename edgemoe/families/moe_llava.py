@@ -272,6 +272,25 @@ def vision_prefix(family: str) -> str | None:
     return VISION_PREFIX[family]
 
 
+def transformers_text_model(cfg: ModelConfig) -> dict[str, Any] | None:
+    """The language model as transformers' own classes describe it (`AutoConfig.for_model` kwargs, with
+    `model_type`), for the transformers peer; None when transformers has no such class. StableLM-2 and
+    Phi-2 store their dense tensors under transformers' names already; Qwen v1 is remote code (its
+    Qwen2 port would need the fused c_attn split), so it has none."""
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  num_key_value_heads=cfg.num_kv_heads, layer_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                  partial_rotary_factor=cfg.rotary_dim / cfg.head_dim, qk_layernorm=False,
+                  tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=cfg.max_position_embeddings)
+    if cfg.family == "stablelm":
+        return dict(common, model_type="stablelm", hidden_act="silu", use_qkv_bias=cfg.qkv_bias,
+                    use_parallel_residual=False)
+    if cfg.family == "phi":
+        return dict(common, model_type="phi", hidden_act="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                    attention_dropout=0.0)
+    return None
+
+
 def tower_spec(raw: dict[str, Any], config: ModelConfig, checkpoint_dir: Path) -> TowerSpec:
     """The tower `mm_image_tower` names: built-in by hub name, else a directory beside the checkpoint."""
     return resolve_tower(config.mm_image_tower, checkpoint_dir)
