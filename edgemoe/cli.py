@@ -101,6 +101,9 @@ def export(
         None, "--calibration-prompts", help="A text file, one prompt per line."),
     max_image_tokens: Optional[int] = typer.Option(
         None, "--max-image-tokens", help="auto: keep at most this many (evenly spaced) tokens per calibration image."),
+    kv_cache: Optional[str] = typer.Option(
+        None, "--kv-cache", help="The KV cache's precision: fp16 (default; half the memory per position) or fp32 "
+                                 "(default for --precision fp32)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at BUNDLE."),
 ) -> None:
     """Export a checkpoint to a bundle: trunk graphs + one graph per expert, each validated against torch."""
@@ -108,7 +111,7 @@ def export(
 
     options = ExportOptions.parse(precision, target, vision_precision, accuracy_budget, size_budget,
                                   calibration_images=calibration_images, calibration_prompts=calibration_prompts,
-                                  max_image_tokens=max_image_tokens, overwrite=overwrite)
+                                  max_image_tokens=max_image_tokens, kv_cache=kv_cache, overwrite=overwrite)
     from edgemoe.export.pipeline import export_bundle  # torch: only once the arguments are known good
     with _phase_progress() as progress:
         result = export_bundle(checkpoint, bundle, options, progress)

@@ -52,6 +52,18 @@ def test_uniform_plans() -> None:
     assert int4.notes == () and int4.levels == ()
 
 
+def test_kv_cache_precision_follows_the_trunk_unless_asked() -> None:
+    assert plan_precisions(ExportOptions(precision="int4")).kv_cache == "fp16"
+    assert plan_precisions(ExportOptions(precision="auto")).kv_cache == "fp16"
+    fp32 = plan_precisions(ExportOptions(precision="fp32"))
+    assert fp32.kv_cache == "fp32" and fp32.attention_check is Precision.FP32
+    half = plan_precisions(ExportOptions(precision="fp32", kv_cache="fp16"))
+    assert half.kv_cache == "fp16" and half.attention_check is Precision.FP16  # validated at fp16's tolerance
+    assert plan_precisions(ExportOptions(precision="int4", kv_cache="fp32")).to_dict()["kv_cache"] == "fp32"
+    with pytest.raises(EdgeMoEError, match="unknown KV cache precision 'int8'"):
+        ExportOptions(kv_cache="int8")
+
+
 def test_auto_plans_and_cuda() -> None:
     cpu = plan_precisions(ExportOptions(precision="auto"))
     assert cpu.experts is None and cpu.levels == (Precision.INT8, Precision.INT4)

@@ -20,8 +20,8 @@ from test_runtime_fixtures import tiny  # noqa: F401
 POSITIONS = [1, 2, -200, -200, -200, 7]
 
 
-def _filled(layout: KVLayout, length: int, seed: int = 0) -> KVCache:
-    cache = KVCache(3, layout, 16)
+def _filled(layout: KVLayout, length: int, seed: int = 0, dtype: str = "float32") -> KVCache:
+    cache = KVCache(3, layout, 16, dtype)
     rng = np.random.default_rng(seed)
     for buffer in cache.buffers():
         buffer[...] = rng.standard_normal(buffer.shape)
@@ -29,13 +29,14 @@ def _filled(layout: KVLayout, length: int, seed: int = 0) -> KVCache:
     return cache
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("layout", [KVLayout(2, 4, False), KVLayout(1, 6, True)], ids=["split", "shared"])
-def test_a_saved_prefix_reads_back_into_a_fresh_cache(tmp_path: Path, layout: KVLayout) -> None:
+def test_a_saved_prefix_reads_back_into_a_fresh_cache(tmp_path: Path, layout: KVLayout, dtype: str) -> None:
     store = PromptCache(tmp_path)
-    source = _filled(layout, len(POSITIONS))
+    source = _filled(layout, len(POSITIONS), dtype=dtype)
     store.save(source, POSITIONS[:5], b"image")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
-    target = _filled(layout, 9, seed=1)
+    target = _filled(layout, 9, seed=1, dtype=dtype)
     assert store.restore(target, POSITIONS[:5], b"image")
     assert target.length == 5 and store.hits == 1
     for got, want in zip(target.buffers(), source.buffers()):
@@ -52,7 +53,8 @@ def test_other_positions_images_or_layouts_miss_and_leave_the_cache_alone(tmp_pa
     assert not store.restore(target, POSITIONS[:4], b"image")  # another prefix
     assert not store.restore(target, POSITIONS[:5], b"other image")
     assert not store.restore(KVCache(3, KVLayout(2, 8, False), 16), POSITIONS[:5], b"image")  # another model
-    assert store.misses == 3 and store.hits == 0 and target.length == 4
+    assert not store.restore(_filled(layout, 4, dtype="float16"), POSITIONS[:5], b"image")  # another cache dtype
+    assert store.misses == 4 and store.hits == 0 and target.length == 4
     assert all(np.array_equal(a, b) for a, b in zip(target.buffers(), before))
 
 

@@ -59,3 +59,32 @@ def test_int4_bundle_answers_close_to_fp32(tiny) -> None:
     assert tokens[0] == fp32_tokens[0]  # the tiny models' successor logit wins by a wide margin
     finite = np.isfinite(fp32_logits[0])
     assert np.corrcoef(logits[0][finite], fp32_logits[0][finite])[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("family", ["stablelm", "deepseek-vl2-small"])  # split K/V, and MLA's shared latent
+def test_fp16_kv_cache_answers_as_fp32(tiny, family: str, tmp_path) -> None:
+    """The same fp32 weights with the KV cache stored in fp16 (what int4/int8 bundles get by default):
+    the buffers take half the bytes, the greedy tokens are the same and every logit stays within fp16
+    rounding of the fp32-cache bundle's."""
+    from edgemoe.export.options import ExportOptions
+    from edgemoe.export.pipeline import export_bundle
+    from edgemoe.model.create import create_checkpoint
+    from edgemoe.runtime.trunk import Trunk
+
+    ckpt = tiny.checkpoint(family)
+    if not ckpt.exists():
+        ckpt = create_checkpoint(tmp_path / "ckpt", family, "tiny").path
+    bundles = {kv: tmp_path / kv for kv in ("fp32", "fp16")}
+    for kv, path in bundles.items():
+        export_bundle(ckpt, path, ExportOptions(precision="fp32", kv_cache=kv))
+    caches = {kv: Trunk.open(Bundle.open(path)).new_cache(64) for kv, path in bundles.items()}
+    assert caches["fp16"].dtype == np.float16 and caches["fp32"].dtype == np.float32
+    assert caches["fp16"].nbytes * 2 == caches["fp32"].nbytes
+    assert Bundle.open(bundles["fp16"]).manifest.kv_value_bytes == 2
+    want_tokens, want_logits, _ = run_engine(bundles["fp32"], tiny.image, max_tokens=TOKENS)
+    tokens, logits, _ = run_engine(bundles["fp16"], tiny.image, max_tokens=TOKENS)
+    assert tokens == want_tokens
+    for got, want in zip(logits, want_logits):
+        finite = np.isfinite(want)
+        scale = np.abs(want[finite]).max()
+        assert np.abs(got[finite] - want[finite]).max() <= 2e-3 * scale

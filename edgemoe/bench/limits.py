@@ -36,7 +36,6 @@ from edgemoe.page_cache import sync_and_drop
 TRUNK_ROLES = ("attention", "dense_mlp", "head", "router")  # read whole by every decoded token
 CHUNK = 8 << 20
 DISK_NOTE = "sequential read after posix_fadvise(DONTNEED); a recently written file may still be host-cached"
-KV_VALUE_BYTES = 4  # the runtime's KV cache is float32 (runtime/kv_cache.py)
 
 
 # -- bandwidth probes ---------------------------------------------------------------------------
@@ -166,12 +165,13 @@ class TokenBytes:
         return self.trunk_bytes + self.embed_row_bytes + self.experts_bytes + self.kv_bytes
 
 
-def kv_cache_bytes(manifest: Manifest, context_tokens: int, value_bytes: int = KV_VALUE_BYTES) -> int:
+def kv_cache_bytes(manifest: Manifest, context_tokens: int, value_bytes: int | None = None) -> int:
+    """The KV cache at `context_tokens`, in the bundle's cache dtype unless `value_bytes` says."""
     cfg = manifest.model_config()
-    return cfg.kv_values_per_position * int(context_tokens) * value_bytes
+    return cfg.kv_values_per_position * int(context_tokens) * (value_bytes or manifest.kv_value_bytes)
 
 
-def token_bytes(manifest: Manifest, context_tokens: int, kv_value_bytes: int = KV_VALUE_BYTES) -> TokenBytes:
+def token_bytes(manifest: Manifest, context_tokens: int, kv_value_bytes: int | None = None) -> TokenBytes:
     """Resident bytes a decoded token at `context_tokens` touches (module docstring)."""
     cfg = manifest.model_config()
     trunk = sum(manifest.bytes_of(e) for role in TRUNK_ROLES for e in manifest.by_role(role))

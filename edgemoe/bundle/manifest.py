@@ -139,6 +139,11 @@ class Manifest:
         """Every listed file (manifest.json itself is not listed)."""
         return sum(e.size for e in self.files)
 
+    @property
+    def kv_value_bytes(self) -> int:
+        """Bytes of one KV cache value in the attention graphs (the export's plan; fp32 before it said)."""
+        return 2 if self.policy.get("plan", {}).get("kv_cache") == "fp16" else 4
+
     def model_config(self) -> "ModelConfig":
         from edgemoe.model.config import ModelConfig  # lazy: the manifest alone stays import-light
         return ModelConfig.from_dict(self.model)

@@ -44,7 +44,7 @@ from edgemoe.keys import ExpertKey
 from edgemoe.model.checkpoint import Checkpoint
 from edgemoe.model.prompt import IMAGE_TOKEN_INDEX
 from edgemoe.quant.lowering import to_bytes
-from edgemoe.quant.schemes import Scheme
+from edgemoe.quant.schemes import Precision, Scheme
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,14 @@ class GraphExporter:
     # -- one graph ----------------------------------------------------------------------------
 
     def _add(self, name: str, role: str, scheme: Scheme, data: bytes, run: Callable, reference: Mapping,
-             decls: tuple | None, t0: float, layer: int | None = None, expert: ExpertKey | None = None) -> None:
-        """Run `data` in ORT via `run(session)`, check against `reference`, then write it to the bundle."""
+             decls: tuple | None, t0: float, layer: int | None = None, expert: ExpertKey | None = None,
+             check_as: Precision | None = None) -> None:
+        """Run `data` in ORT via `run(session)`, check against `reference` (at the tolerance of
+        `check_as`, else of the scheme's precision), then write it to the bundle."""
         sess = cpu_session(data)
         candidate = run(sess)
         del sess
-        check = validation.check(name, scheme.precision, candidate, reference)
+        check = validation.check(name, check_as or scheme.precision, candidate, reference)
         inputs, outputs = decls if decls is not None else (None, None)
         if expert is not None:
             entry = self.writer.add_expert(expert, data, precision=scheme.precision.value,
@@ -119,13 +121,13 @@ class GraphExporter:
         self.step(name)
 
     def _trunk(self, name: str, role: str, scheme: Scheme, build: Callable[[], onnx.ModelProto], run: Callable,
-               reference: Mapping, layer: int | None = None) -> None:
+               reference: Mapping, layer: int | None = None, check_as: Precision | None = None) -> None:
         t0 = time.monotonic()
         model = build()
         data, decls = _serialize(model)
         del model
         gc.collect()
-        self._add(name, role, scheme, data, run, reference, decls, t0, layer=layer)
+        self._add(name, role, scheme, data, run, reference, decls, t0, layer=layer, check_as=check_as)
 
     # -- vision, projector, embedding ------------------------------------------------------------
 
@@ -191,9 +193,10 @@ class GraphExporter:
         build = build_attention if cfg.mla is None else build_latent_attention
         self._trunk(f"layer{n}.attn", "attention", scheme,
                     lambda: build(cfg, components.LazyTensors(self.ckpt, f"layers.{n}.",
-                                                              lambda k: k.startswith(_ATTN_PARTS)), scheme),
+                                                              lambda k: k.startswith(_ATTN_PARTS)), scheme,
+                                  kv_cache=self.plan.kv_cache),
                     lambda s: validation.run_attention(s, x[None], cfg.kv_layout),
-                    {"h": h.numpy(), "m": m.numpy()}, layer=n)
+                    {"h": h.numpy(), "m": m.numpy()}, layer=n, check_as=self.plan.attention_check)
         m2 = m[0]
         if layer.is_moe:
             self.routers[f"layers.{n}.router.weight"] = layer.moe.router.weight.numpy().copy()

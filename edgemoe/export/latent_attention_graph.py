@@ -37,8 +37,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from edgemoe.export.onnx_ops import MS_DOMAIN, GraphBuilder, lower_checked, require_fp32, take
-from edgemoe.export.trunk_graphs import apply_rotary, rotary_tables
+from edgemoe.export.onnx_ops import GraphBuilder, lower_checked, require_fp32, take
+from edgemoe.export.trunk_graphs import KV_ELEM, apply_rotary, group_query_attention, rotary_tables
 from edgemoe.model.config import ModelConfig
 from edgemoe.quant.schemes import QuantError, Scheme
 
@@ -73,8 +73,8 @@ def _kv_b_blocks(cfg: ModelConfig, kv_b: np.ndarray) -> tuple[list[np.ndarray], 
 
 
 def build_latent_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Scheme,
-                           max_positions: int | None = None) -> onnx.ModelProto:
-    """One MLA decoder layer's attention block (module docstring)."""
+                           max_positions: int | None = None, kv_cache: str = "fp32") -> onnx.ModelProto:
+    """One MLA decoder layer's attention block (module docstring); `kv_cache` as trunk_graphs'."""
     require_fp32(scheme, "attention")
     m, nh, hid = cfg.mla, cfg.num_heads, cfg.hidden_size
     if m is None or m.q_lora_rank is not None:
@@ -85,7 +85,7 @@ def build_latent_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme
     cache = [1, 1, max_positions or "MAX", width]
     x = b.input("x", F32, [1, "S", hid])
     pos = b.input("position_ids", TensorProto.INT64, ["S"])
-    past_k, past_v = b.input("past_key", F32, cache), b.input("past_value", F32, cache)
+    past_k, past_v = b.input("past_key", KV_ELEM[kv_cache], cache), b.input("past_value", KV_ELEM[kv_cache], cache)
     seqlens_k, total = b.input("seqlens_k", TensorProto.INT32, [1]), b.input("total_len", TensorProto.INT32, [])
 
     normed = b.norm(cfg.norm, x, "attn_norm", w, cfg.norm_eps)
@@ -112,10 +112,8 @@ def build_latent_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme
     query = b.op("Concat", [q_lat, q_pe], "latent_query4", axis=-1)
     query = b.op("Reshape", [query, b.ints("query.flat", [0, 0, nh * width])], "latent_query")
 
-    attn, _, _ = b.op_multi("GroupQueryAttention", [query, key, key, past_k, past_v, seqlens_k, total],
-                            ["attn", "present_key", "present_value"], domain=MS_DOMAIN, num_heads=nh,
-                            kv_num_heads=1, scale=1.0 / math.sqrt(m.q_head_dim), do_rotary=0)
-    b.declare(attn, F32, [1, "S", nh * width])
+    attn = group_query_attention(b, query, key, key, (past_k, past_v), (seqlens_k, total), kv_cache, nh * width,
+                                 num_heads=nh, kv_num_heads=1, scale=1.0 / math.sqrt(m.q_head_dim), do_rotary=0)
     attn4 = b.op("Reshape", [attn, b.ints("attn.heads", [0, 0, nh, width])], "attn_heads")
     lat = b.op("Slice", [attn4, b.ints("attn.lat_start", [0]), b.ints("attn.lat_end", [r]),
                          b.ints("attn.lat_axis", [-1])], "attn_latent")  # [1, S, NH, R]
@@ -124,7 +122,8 @@ def build_latent_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme
     o = b.linear(values, "attn.o", take(w, "attn.o.weight"), None)
     h = b.op("Add", [x, o], "h")
     b.norm(cfg.norm, h, "mlp_norm", w, cfg.norm_eps, out="m")
-    for name, shape in (("h", [1, "S", hid]), ("m", [1, "S", hid]), ("present_key", cache),
-                        ("present_value", cache)):
+    for name, shape in (("h", [1, "S", hid]), ("m", [1, "S", hid])):
         b.output(name, F32, shape)
+    for name in ("present_key", "present_value"):
+        b.output(name, KV_ELEM[kv_cache], cache)
     return lower_checked(b, scheme, expected=2 + 2 * nh)

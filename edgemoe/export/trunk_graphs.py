@@ -3,9 +3,11 @@
 Contract: each builder takes one component's canonical tensors with the component prefix stripped
 (float32, torch layout [out, in]) and a `Scheme`, builds the fp32 graph (weights as MatMul constant B,
 see onnx_ops.py), lowers it with `edgemoe.quant.lowering.lower` and proves every weight MatMul was
-quantized (`check_lowered`). Graph I/O is always float32 (ids and cache bookkeeping are integers):
+quantized (`check_lowered`). Graph I/O is float32 (ids and cache bookkeeping are integers), except
+the KV cache, whose element type the export chooses (`kv_cache`: fp16 halves it; fp32 for an fp32
+bundle, the exactness reference):
 
-  attention   x [1,S,H], position_ids int64 [S], past_key/past_value [1,KVH,MAX,D],
+  attention   x [1,S,H], position_ids int64 [S], past_key/past_value [1,KVH,MAX,D] (fp32 | fp16),
               seqlens_k int32 [1] (= total_len - 1), total_len int32 [] (past length + S)
               -> h [1,S,H] = x + attn(attn_norm x), m [1,S,H] (the MLP input: mlp_norm h, or
               attn_norm x for Phi's parallel block), present_key/present_value [1,KVH,MAX,D]
@@ -40,6 +42,7 @@ from edgemoe.quant.lowering import build_mlp
 from edgemoe.quant.schemes import Precision, QuantError, Scheme
 
 F32 = TensorProto.FLOAT
+KV_ELEM = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}  # the KV cache's element type
 
 
 def rotary_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
@@ -90,10 +93,28 @@ def _fused_qkv(cfg: ModelConfig, w: Mapping[str, np.ndarray]) -> tuple[np.ndarra
     return np.concatenate(weights), None if biases[0] is None else np.concatenate(biases)
 
 
+def group_query_attention(b: GraphBuilder, q: str, k: str, v: str, past: tuple[str, str], lengths: tuple[str, str],
+                          kv_cache: str, width: int, **attrs: object) -> str:
+    """ORT's GroupQueryAttention over a cache of element type `kv_cache` -> attn [1, S, width] fp32.
+    An fp16 cache takes fp16 q/k/v (GQA's one type) and its output is cast back."""
+    if kv_cache == "fp16":  # one Cast per distinct input (MLA passes the latent as both k and v)
+        half = {t: b.op("Cast", [t], f"{t}_fp16", to=TensorProto.FLOAT16) for t in dict.fromkeys((q, k, v))}
+        q, k, v = half[q], half[k], half[v]
+    attn, _, _ = b.op_multi("GroupQueryAttention", [q, k, v, *past, *lengths],
+                            ["attn_kv" if kv_cache == "fp16" else "attn", "present_key", "present_value"],
+                            domain=MS_DOMAIN, **attrs)
+    if kv_cache == "fp16":
+        b.declare(attn, TensorProto.FLOAT16, [1, "S", width])
+        attn = b.op("Cast", [attn], "attn", to=F32)
+    b.declare(attn, F32, [1, "S", width])
+    return attn
+
+
 def build_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Scheme,
-                    max_positions: int | None = None) -> onnx.ModelProto:
+                    max_positions: int | None = None, kv_cache: str = "fp32") -> onnx.ModelProto:
     """One decoder layer's attention block (module docstring). `max_positions` fixes the declared cache
-    length MAX (the buffer the runtime preallocates); None leaves it symbolic."""
+    length MAX (the buffer the runtime preallocates); None leaves it symbolic. `kv_cache` is the
+    cache's element type, fp32 or fp16 (attention computes in it; everything else stays fp32)."""
     require_fp32(scheme, "attention")
     nh, kvh, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     if nh % kvh or d % 8:  # ORT's CPU GroupQueryAttention rejects other head sizes at run time
@@ -103,7 +124,7 @@ def build_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Schem
     cache = [1, kvh, max_positions or "MAX", d]
     x = b.input("x", F32, [1, "S", hid])
     pos = b.input("position_ids", TensorProto.INT64, ["S"])
-    past_k, past_v = b.input("past_key", F32, cache), b.input("past_value", F32, cache)
+    past_k, past_v = b.input("past_key", KV_ELEM[kv_cache], cache), b.input("past_value", KV_ELEM[kv_cache], cache)
     seqlens_k, total = b.input("seqlens_k", TensorProto.INT32, [1]), b.input("total_len", TensorProto.INT32, [])
 
     n = b.norm(cfg.norm, x, "attn_norm", w, cfg.norm_eps, out="m" if cfg.parallel_block else "")
@@ -114,17 +135,16 @@ def build_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Schem
     cos, sin = rotary_tables(b, cfg, pos)
     q = apply_rotary(b, q, nh, d, cfg.rotary_dim, cos, sin, "q")
     k = apply_rotary(b, k, kvh, d, cfg.rotary_dim, cos, sin, "k")
-    attn, _, _ = b.op_multi("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total],
-                            ["attn", "present_key", "present_value"], domain=MS_DOMAIN, num_heads=nh,
-                            kv_num_heads=kvh, scale=1.0 / math.sqrt(d), do_rotary=0)
-    b.declare(attn, F32, [1, "S", nh * d])
+    attn = group_query_attention(b, q, k, v, (past_k, past_v), (seqlens_k, total), kv_cache, nh * d,
+                                 num_heads=nh, kv_num_heads=kvh, scale=1.0 / math.sqrt(d), do_rotary=0)
     o = b.linear(attn, "attn.o", take(w, "attn.o.weight"), take(w, "attn.o.bias", required=cfg.o_bias))
     h = b.op("Add", [x, o], "h")
     if not cfg.parallel_block:
         b.norm(cfg.norm, h, "mlp_norm", w, cfg.norm_eps, out="m")
-    for name, shape in (("h", [1, "S", hid]), ("m", [1, "S", hid]), ("present_key", cache),
-                        ("present_value", cache)):
+    for name, shape in (("h", [1, "S", hid]), ("m", [1, "S", hid])):
         b.output(name, F32, shape)
+    for name in ("present_key", "present_value"):
+        b.output(name, KV_ELEM[kv_cache], cache)
     return lower_checked(b, scheme, expected=2)
 
 

@@ -26,6 +26,7 @@ from edgemoe.bundle import Validation
 from edgemoe.errors import EdgeMoEError
 from edgemoe.model.config import KVLayout
 from edgemoe.quant.schemes import Precision, Tolerance, TOLERANCES
+from edgemoe.offload.sessions import cache_dtype
 
 
 class GraphValidationError(EdgeMoEError):
@@ -117,7 +118,8 @@ def run_attention(sess: ort.InferenceSession, x: np.ndarray, layout: KVLayout) -
     max_len = _cache_length(sess, s)
     if max_len < s:
         raise GraphValidationError(f"attention cache holds {max_len} positions, the validation sequence {s}")
-    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, layout.heads, max_len, layout.dim), np.float32))
+    dtype = cache_dtype(sess)
+    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, layout.heads, max_len, layout.dim), dtype))
                for _ in range(1 if layout.shared else 2)]
     caches = {"key": buffers[0], "value": buffers[-1]}
     steps = [(0, s - 1), (s - 1, s)] if s > 1 else [(0, s)]

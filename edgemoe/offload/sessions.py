@@ -8,7 +8,8 @@ after evictions. `session_options(threads)` is the one set of options every sess
 uses (the runtime's trunk sessions import it too): no CPU arena (each session's arena keeps its peak
 activations), no spinning (an idle pool spinning on the cores the next session needs measured
 3.4 -> 2.5 ms per MoE layer), and either the global pool or `threads` intra-op threads.
-Everything is a no-op where it does not apply (no glibc: macOS, musl, Windows).
+`cache_dtype(session)` is the element type an attention graph keeps its KV cache in ("float32" or
+"float16", as the export chose). Everything is a no-op where it does not apply (no glibc: macOS, musl, Windows).
 
 What onnxruntime's Python API (1.32) offers, checked against the installed package:
   * `onnxruntime.set_global_thread_pool_sizes(intra, inter)` + `SessionOptions.use_per_session_threads
@@ -36,6 +37,8 @@ import os
 import sys
 import threading
 from typing import Any, Callable
+
+from edgemoe.offload.errors import OffloadError
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +173,16 @@ def session_factory(threads: int | None = None) -> Callable[[bytes | str], Any]:
     def make(model: bytes | str) -> Any:
         return create_session(model, session_options(threads))
     return make
+
+
+_CACHE_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+
+
+def cache_dtype(sess: Any) -> str:
+    """The numpy dtype of an attention graph's KV cache (its `past_key` input): float32 or float16."""
+    kind = next(i.type for i in sess.get_inputs() if i.name == "past_key")
+    try:
+        return _CACHE_TYPES[kind]
+    except KeyError:
+        raise OffloadError(f"an attention graph's KV cache is {kind}; this runtime reads float and "
+                           "float16") from None

@@ -1,7 +1,7 @@
 """A preallocated KV cache the attention graphs update in place.
 
-Contract: one C-contiguous float32 buffer [1, KVH, MAX, D] for keys and one for values per decoder
-layer, allocated once; a shared layout (MLA's latent [c | k_pe], `KVLayout.shared`) has one buffer
+Contract: one C-contiguous buffer [1, KVH, MAX, D] for keys and one for values per decoder layer, in
+the attention graphs' cache dtype (float16 or float32, as the export chose), allocated once; a shared layout (MLA's latent [c | k_pe], `KVLayout.shared`) has one buffer
 per layer that is both (`values[n] is keys[n]`), so it costs KVH x D values a position. The attention
 graph takes the buffer as past_key and writes its new rows into the same memory as present_key
 (IOBinding, see `trunk.Trunk.attention`), so a decoded token copies nothing: rows 0..length-1 hold
@@ -23,17 +23,17 @@ from edgemoe.model.config import KVLayout
 class KVCache:
     """Per-layer key and value buffers plus the number of valid positions."""
 
-    def __init__(self, num_layers: int, layout: KVLayout, capacity: int) -> None:
+    def __init__(self, num_layers: int, layout: KVLayout, capacity: int, dtype: str = "float32") -> None:
         if capacity < 1:
             raise ValueError(f"KV cache capacity must be positive, got {capacity}")
-        self.num_layers, self.layout = num_layers, layout
+        self.num_layers, self.layout, self.dtype = num_layers, layout, np.dtype(dtype)
         self.length = 0
         self._alloc(capacity)
 
     def _alloc(self, capacity: int) -> None:
         shape = (1, self.layout.heads, capacity, self.layout.dim)
-        self.keys = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
-        self.values = self.keys if self.layout.shared else [np.zeros(shape, np.float32)
+        self.keys = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
+        self.values = self.keys if self.layout.shared else [np.zeros(shape, self.dtype)
                                                               for _ in range(self.num_layers)]
         # OrtValues wrapping (not copying) the numpy buffers: bound as both past_X and present_X.
         self.ort_keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.keys]

@@ -20,7 +20,8 @@ memory budget bounds must not grow by them). A file that cannot be written is lo
 cache only ever saves time.
 
 File format (`.kv`): 8 bytes little-endian header length, a JSON header {"shape": [B, KVH, P, D],
-"positions": [...]}, then B x KVH blocks of P x D float32 rows (buffer-major, as `KVCache` holds them).
+"dtype": "float16" | "float32", "positions": [...]}, then B x KVH blocks of P x D rows in the cache's
+dtype (buffer-major, as `KVCache` holds them).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class PromptCache:
                 (size,) = _HEADER.unpack(f.read(_HEADER.size))
                 header = json.loads(f.read(size))
                 if header.get("shape") != want or header.get("positions") != list(positions) \
-                        or cache.capacity < len(positions):
+                        or header.get("dtype", "float32") != cache.dtype.name or cache.capacity < len(positions):
                     self.misses += 1
                     return False
                 cache.truncate(0)  # the rows are overwritten from here on: nothing before is kept
@@ -165,7 +166,7 @@ class PromptCache:
             return
         buffers = cache.buffers()
         header = json.dumps({"shape": [len(buffers), cache.layout.heads, len(positions), cache.layout.dim],
-                             "positions": [int(p) for p in positions]}).encode()
+                             "dtype": cache.dtype.name, "positions": [int(p) for p in positions]}).encode()
         blocks = (memoryview(buffer[0, head, :len(positions)]).cast("B")
                   for buffer in buffers for head in range(cache.layout.heads))
         try:

@@ -14,9 +14,9 @@ import onnxruntime as ort
 
 from edgemoe.errors import EdgeMoEError
 from edgemoe.offload.errors import one_line
-from edgemoe.offload.sessions import configure_process, session_options
+from edgemoe.offload.sessions import cache_dtype, configure_process, session_options
 
-__all__ = ["RuntimeGraphError", "configure_process", "one_line", "session_options", "trunk_session"]
+__all__ = ["RuntimeGraphError", "cache_dtype", "configure_process", "one_line", "session_options", "trunk_session"]
 
 
 class RuntimeGraphError(EdgeMoEError):
@@ -29,3 +29,4 @@ def trunk_session(path: Path, options: ort.SessionOptions | None = None) -> ort.
         return ort.InferenceSession(str(path), options or session_options(), providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises bare RuntimeErrors/Fail with multi-line text
         raise RuntimeGraphError(f"cannot open graph {path}: {one_line(exc)}") from None
+

@@ -35,7 +35,7 @@ from edgemoe.model.safetensors_io import SafetensorsFile
 from edgemoe.page_cache import drop_cached
 from edgemoe.runtime.embedding import MappedEmbedding
 from edgemoe.runtime.kv_cache import KVCache
-from edgemoe.runtime.sessions import RuntimeGraphError, one_line, session_options, trunk_session
+from edgemoe.runtime.sessions import RuntimeGraphError, cache_dtype, one_line, session_options, trunk_session
 
 
 LAYOUT_FILE = "layout.safetensors"
@@ -131,6 +131,9 @@ class Trunk:
 
     def _check_cache_shape(self) -> None:
         layout = self.config.kv_layout
+        dtypes = {cache_dtype(sess) for sess in self.attn}
+        if len(dtypes) > 1:
+            raise RuntimeGraphError(f"the attention graphs disagree on the KV cache's type ({', '.join(sorted(dtypes))})")
         for n, sess in enumerate(self.attn):
             shape = next(i.shape for i in sess.get_inputs() if i.name == "past_key")
             if shape[1] != layout.heads or shape[3] != layout.dim:
@@ -157,8 +160,9 @@ class Trunk:
         return self.vision
 
     def new_cache(self, capacity: int) -> KVCache:
+        """A KV cache for `capacity` positions, in the attention graphs' cache dtype."""
         cfg = self.config
-        return KVCache(cfg.num_layers, cfg.kv_layout, capacity)
+        return KVCache(cfg.num_layers, cfg.kv_layout, capacity, cache_dtype(self.attn[0]))
 
     # -- graphs -----------------------------------------------------------------------------------
 
