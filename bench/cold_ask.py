@@ -6,7 +6,7 @@ for each setting they compare.
 Contract: drops the page cache of the bundle's files and this machine's prepacked twins (so every miss reads
 the disk), runs `python -m edgemoe.cli ask BUNDLE "Describe this image in detail." --image IMAGE --json` with the
 options given, and prints LABEL, decode tok/s, disk bytes per decoded token, cache hits and misses, hints in time
-and late, hints withheld, prediction precision and TTFT. A failed ask exits with its status and stderr.
+and late, hints withheld, prediction precision, TTFT and peak RSS. A failed ask exits with its status and stderr.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     print(f"{label}: {s['decode_tokens_per_s']:.2f} tok/s, disk {(s['decode_disk_read_bytes'] or 0) / n / 1e6:.1f} "
           f"MB/token, hits {s['cache_hits']} misses {s['cache_misses']}, in time {s['prefetched_in_time']}, late "
           f"{s['prefetched_late']}, withheld {s['hints_withheld']}, P {s['prediction_precision'] or 0:.2f}, "
-          f"TTFT {s['time_to_first_token_s']:.1f} s")
+          f"TTFT {s['time_to_first_token_s']:.1f} s, peak RSS {s['peak_rss_bytes'] / 1e9:.3f} GB")
     return 0
 
 

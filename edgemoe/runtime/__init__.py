@@ -8,7 +8,7 @@ Modules, data flow first:
   sessions.py    ORT session options (the offload package's: one thread policy, no arenas)
   trunk.py       the resident graphs: vision, projector, embed, attention, dense MLPs, head
   embedding.py   the embedding table read in place from embed.onnx (only the rows a prompt uses)
-  kv_cache.py    preallocated KV buffers the attention graphs update in place (IOBinding)
+  kv_cache.py    preallocated KV buffers (fp16 or fp32, as exported) the attention graphs update in place
   routing.py     the fp32 top-2 router in numpy, deterministic
   moe.py         route -> dispatch -> experts (from an ExpertProvider) -> combine; next-layer hints
   engine.py      prefill (image spliced) and decode; generate_step yields ids (no tokenizer)
@@ -20,6 +20,8 @@ Modules, data flow first:
   providers.py   resident or offloading provider; its counters
   stats.py       GenerationStats, GenerationResult, RSS sampling
   transcript.py  a conversation as JSON (chat's /save, /load)
+  image_encoder.py  a conversation's images as prompt rows (prompt cache, else the vision tower)
+  prompt_cache.py   image features and image-prefix KV rows kept on disk across processes
   api.py         ask(), ChatSession (a conversation, or a server's requests through one engine)
 Nothing here imports torch or transformers.
 """

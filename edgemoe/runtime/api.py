@@ -30,17 +30,18 @@ import psutil
 from edgemoe.bundle import Bundle
 from edgemoe.bundle.entries import MANIFEST_NAME
 from edgemoe.errors import EdgeMoEError
-from edgemoe.model.image import ImageInput, ImageSource, image_key, prepare_image
+from edgemoe.model.image import ImageSource
 from edgemoe.model.prompt import Conversation
 from edgemoe.model.tokenizer import Tokenizer, load_tokenizer
 from edgemoe.offload.policies import DEFAULT_POLICY
 from edgemoe.offload.prepacked import cache_root
 from edgemoe.runtime.budget import BudgetPlan, plan_budget
-from edgemoe.runtime.live_budget import LiveBudget, close_vision
+from edgemoe.runtime.image_encoder import ImageEncoder
+from edgemoe.runtime.live_budget import LiveBudget
 from edgemoe.runtime.detokenize import TextStream
 from edgemoe.runtime.engine import Engine, splice_positions
 from edgemoe.runtime.moe import MoELayer
-from edgemoe.runtime.prompt_cache import PromptCache, pixels_digest
+from edgemoe.runtime.prompt_cache import PromptCache
 from edgemoe.runtime.options import DEFAULT_MAX_TOKENS, GenerationOptions, resolve_memory_budget
 from edgemoe.runtime.providers import make_provider, open_expert_store, resident_sizes, store_kind
 from edgemoe.runtime.routing import Routers, routers_for
@@ -105,12 +106,11 @@ class ChatSession:
         self.engine: Engine | None = None
         self.provider: Any = None
         self.budget: BudgetPlan | None = None
-        self._features: dict[tuple[Any, ...], np.ndarray] = {}  # image_key -> projected rows
-        self._vision_bytes = 0  # what closing the vision tower gave back (measured; under a memory budget)
-        self._encode_s = self._encode_mark = 0.0  # seconds spent encoding images (all, and before this answer)
         self._live: LiveBudget | None = None  # the plan kept true as the conversation grows
         self.prompt_cache = (PromptCache.for_bundle(cache_root() / "prompts", self.bundle.root / MANIFEST_NAME)
                              if options.prompt_cache else None)  # image prefixes on disk (runtime.prompt_cache)
+        self.encoder = ImageEncoder(self.bundle, self.trunk, self.prompt_cache, self.memory_budget is not None)
+        self._encode_mark = 0.0  # the encoder's seconds before this answer
         self._load_s = time.monotonic() - t0
 
     # -- the conversation -------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class ChatSession:
         id with the text it released (the last id also gets the held-back rest), so the texts join
         to the answer."""
         t0 = time.monotonic()
-        self._encode_mark = self._encode_s
+        self._encode_mark = self.encoder.encode_s
         self._check_image_count(len(images))
         self.images = list(images)
         ids = conversation.encode(self.tokenizer)
@@ -205,41 +205,8 @@ class ChatSession:
 
     def image_features(self) -> list[np.ndarray] | None:
         """The conversation's images, preprocessed and projected, [N_i, H] each (each image encoded
-        once while it stays in the conversation)."""
-        if not self.images:
-            return None
-        manifest = self.bundle.manifest
-        aspect = manifest.processor.get("image_aspect_ratio", self.config.image_aspect_ratio)
-        tiled = len(self.images) <= 2  # upstream tiles one or two images, more go in as one view each
-        keys = [(image_key(source), tiled) for source in self.images]
-        missing = [(key, source) for key, source in zip(keys, self.images) if key not in self._features]
-        start = time.monotonic()
-        for key, source in missing:
-            self._features[key] = self._encode(prepare_image(source, manifest.processor_config(), aspect,
-                                                             self.config.candidate_resolutions, tiled))
-        self._encode_s += time.monotonic() - start
-        if missing and self.memory_budget is not None:  # the tower leaves the process until the next image
-            self._vision_bytes = max(self._vision_bytes, close_vision(self.trunk))
-            if self._live is not None:
-                self._live.vision_closed(self._vision_bytes)
-        self._features = {key: self._features[key] for key in keys}  # forget images no longer asked about
-        return [self._features[key] for key in keys]
-
-    def _encode(self, image: ImageInput) -> np.ndarray:
-        """One prepared image's projected rows: from the prompt cache when it has them, else the tower's."""
-        if self.prompt_cache is None:
-            return self._run_tower(image)
-        key = pixels_digest(image)
-        rows = self.prompt_cache.features(key)
-        if rows is None:
-            rows = self._run_tower(image)
-            self.prompt_cache.save_features(key, rows)
-        return rows
-
-    def _run_tower(self, image: ImageInput) -> np.ndarray:
-        if self._live is not None and not self.trunk.vision_resident:
-            self._live.vision_reopening()
-        return self.trunk.encode_image(image)
+        once while it stays in the conversation; `runtime.image_encoder`)."""
+        return self.encoder.features(self.images)
 
     def _generate(self, engine: Engine, ids: list[int], limit: int, emit: "_Emitter", t0: float,
                   rss: RssSampler, before: CounterSnapshot, sampler: Sampler, stops: Sequence[str],
@@ -311,7 +278,9 @@ class ChatSession:
                                   startup_peak=rss_high_water())
         provider = make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store, opts.loaders)
         if self.budget.memory_budget is not None and hasattr(provider, "cache"):
-            self._live = LiveBudget(self.budget, self.bundle, provider.cache, engine, self.trunk, self._vision_bytes)
+            self._live = LiveBudget(self.budget, self.bundle, provider.cache, engine, self.trunk,
+                                    self.encoder.vision_bytes)
+            self.encoder.live = self._live
         return provider
 
     def _stats(self, engine: Engine, t0: float, clock: Clock, n: int, rss: RssSampler,
@@ -341,7 +310,7 @@ class ChatSession:
             expert_cache_fraction=budget.expert_bytes / budget.all_expert_bytes
             if budget and budget.offloading else None,
             disk_read_bytes=delta.disk_read, decode_disk_read_bytes=decode.disk_read if decode else None,
-            image_encode_s=self._encode_s - self._encode_mark, prefill_expert_load_s=prefill.counters.load_seconds,
+            image_encode_s=self.encoder.encode_s - self._encode_mark, prefill_expert_load_s=prefill.counters.load_seconds,
             prefill_hash_s=prefill.hash_seconds, prefetched_in_time=delta.counters.in_time,
             prefetched_late=delta.counters.late, hints_withheld=delta.withheld, routing=self.options.routing)
 
