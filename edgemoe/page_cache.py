@@ -9,6 +9,8 @@ asks the kernel to drop the file's clean pages in `ranges` (all of it by default
 process maps and has faulted in stay (they are that process's RSS), dirty pages stay until written
 (`sync_and_drop` writes them first), and the call never fails: dropping is advice, and a file that
 cannot be opened has no pages to drop. On tmpfs nothing is dropped (its pages are the file).
+`resident_array_bytes(array)` is the same count for a process's own buffer: how much of a lazily
+zeroed array is backed by RAM (with transparent huge pages, one written row can back 2 MB).
 
 Why this exists: a memory budget must bound the run's footprint, RSS plus what the process keeps in
 the page cache. Evicting an expert (MADV_DONTNEED) only unmaps it; without the drop its pages stay
@@ -83,6 +85,20 @@ def cached_bytes(path: str | os.PathLike) -> int | None:
     finally:
         os.close(fd)
     return resident * PAGE
+
+
+def resident_array_bytes(array: np.ndarray) -> int | None:
+    """Bytes of a C-contiguous array's memory resident in RAM now (`mincore` over its pages; a lazily
+    zeroed buffer counts only the pages written), or None where mincore is unavailable."""
+    lib = _libc()
+    if lib is None or array.nbytes == 0:
+        return None if lib is None else 0
+    start = array.ctypes.data // PAGE * PAGE
+    size = array.ctypes.data + array.nbytes - start
+    vec = (ctypes.c_ubyte * -(-size // PAGE))()
+    if lib.mincore(ctypes.c_void_p(start), size, vec) != 0:
+        return None
+    return int((np.frombuffer(vec, np.uint8) & 1).sum()) * PAGE
 
 
 def drop_cached(path: str | os.PathLike, ranges: Iterable[tuple[int, int]] | None = None) -> None:

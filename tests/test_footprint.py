@@ -22,7 +22,9 @@ from edgemoe.keys import ExpertKey
 from edgemoe.offload.footprint import FootprintSampler, measure_footprint, model_files
 from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
 from edgemoe.offload.prepacked import PrepackedGraphs
-from edgemoe.page_cache import PAGE, cached_bytes, drop_cached, sync_and_drop
+from edgemoe.model.config import KVLayout
+from edgemoe.page_cache import PAGE, cached_bytes, drop_cached, resident_array_bytes, sync_and_drop
+from edgemoe.runtime.kv_cache import KVCache
 from offload_fakes import write_expert_bundle
 from test_runtime_fixtures import tiny  # noqa: F401 (fixture)
 
@@ -64,6 +66,20 @@ def test_cached_bytes_follow_reads_and_drops(tmp_path: Path) -> None:
     assert cached_bytes(path) == 7 * PAGE
     drop_cached(path)
     assert cached_bytes(path) == 0
+
+
+def test_a_kv_cache_counts_only_the_pages_written() -> None:
+    """np.zeros is lazily backed: a fresh cache holds (almost) no RAM, and what the budget's baseline
+    subtracts as the cache's own pages grows with the rows written, up to the whole buffer."""
+    cache = KVCache(2, KVLayout(4, 64, False), 8192, "float16")  # 4 buffers of 4 MiB
+    fresh = cache.resident_bytes()
+    assert fresh <= len(cache.buffers()) * (2 << 20)  # at most a (huge) page each
+    cache.keys[0][...] = 1.0
+    assert cache.resident_bytes() >= fresh + cache.keys[0].nbytes - PAGE
+    for buffer in cache.buffers():
+        buffer[...] = 1.0
+    assert resident_array_bytes(cache.keys[1]) >= cache.keys[1].nbytes
+    assert cache.nbytes <= cache.resident_bytes() <= cache.nbytes + len(cache.buffers()) * PAGE
 
 
 def test_an_evicted_expert_leaves_neither_rss_nor_page_cache(bundle: Bundle, tmp_path: Path) -> None:

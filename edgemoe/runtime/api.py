@@ -272,7 +272,8 @@ class ChatSession:
             return store
         opts = self.options
         self.budget = plan_budget(self.bundle, self.memory_budget, opts.expert_budget,
-                                  baseline_rss=psutil.Process().memory_info().rss,
+                                  # the cache's pages a first token wrote count once, as the KV cache
+                                  baseline_rss=psutil.Process().memory_info().rss - engine.cache.resident_bytes(),
                                   kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
                                   sizes=resident_sizes(store), fixed_bytes=getattr(store, "session_overhead_bytes", 0),
                                   startup_peak=rss_high_water())

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgemoe.model.config import KVLayout
+from edgemoe.page_cache import resident_array_bytes
 
 
 class KVCache:
@@ -51,6 +52,11 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.buffers())
+
+    def resident_bytes(self) -> int:
+        """The buffers' bytes resident in RAM now (np.zeros is lazily backed: only written pages count)."""
+        sizes = [resident_array_bytes(a) for a in self.buffers()]
+        return self.nbytes if None in sizes else sum(sizes)
 
     def room(self) -> int:
         return self.capacity - self.length

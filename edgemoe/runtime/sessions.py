@@ -14,9 +14,10 @@ import onnxruntime as ort
 
 from edgemoe.errors import EdgeMoEError
 from edgemoe.offload.errors import one_line
-from edgemoe.offload.sessions import cache_dtype, configure_process, session_options
+from edgemoe.offload.sessions import cache_dtype, configure_process, session_options, shared_arena_options, shrink_arena
 
-__all__ = ["RuntimeGraphError", "cache_dtype", "configure_process", "one_line", "session_options", "trunk_session"]
+__all__ = ["RuntimeGraphError", "cache_dtype", "configure_process", "one_line", "session_options",
+           "shared_arena_options", "shrink_arena", "trunk_session"]
 
 
 class RuntimeGraphError(EdgeMoEError):

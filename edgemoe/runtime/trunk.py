@@ -17,6 +17,8 @@ vision tower's session, which runs once per image; `encode_image` reopens it whe
 `attention` binds the layer's preallocated cache buffer as both past_key and present_key (and
 values) through IOBinding, so ORT writes the S new rows at positions length..length+S-1 and copies
 nothing (onnxruntime-notes.md: a past -> present graph otherwise copies the whole cache per token).
+Attention sessions allocate from one shared arena (`offload.sessions.shared_arena_options`: an fp16
+cache's per-call scratch would otherwise fault in fresh memory every token), shrunk after each prefill.
 It does not advance the cache: the engine does, once every layer has written.
 """
 
@@ -35,7 +37,8 @@ from edgemoe.model.safetensors_io import SafetensorsFile
 from edgemoe.page_cache import drop_cached
 from edgemoe.runtime.embedding import MappedEmbedding
 from edgemoe.runtime.kv_cache import KVCache
-from edgemoe.runtime.sessions import RuntimeGraphError, cache_dtype, one_line, session_options, trunk_session
+from edgemoe.runtime.sessions import (RuntimeGraphError, cache_dtype, one_line, session_options, shared_arena_options,
+                                     shrink_arena, trunk_session)
 
 
 LAYOUT_FILE = "layout.safetensors"
@@ -87,12 +90,12 @@ class Trunk:
         language model's weights are resident (a memory budget's start-up peak is then the larger of
         the two, not their sum)."""
         cfg = bundle.manifest.model_config()
-        so = session_options()
+        so, arena = session_options(), shared_arena_options()  # attention: the shared arena (its fp16 scratch)
 
         def load(name: str) -> ort.InferenceSession:
             if progress is not None:
                 progress(name)
-            session = trunk_session(bundle.graph_path(name), so)
+            session = trunk_session(bundle.graph_path(name), arena if name.endswith(".attn") else so)
             for entry in bundle.manifest.files_of(bundle.manifest.graph(name)):  # ORT holds its own copy now:
                 drop_cached(bundle.path_of(entry))  # one file at a time in the page cache (footprint)
             return session
@@ -200,8 +203,8 @@ class Trunk:
                                      ("past_value", "present_value", cache.ort_values[n])):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        try:
-            sess.run_with_iobinding(binding)
+        try:  # a prefill's scratch goes back to the OS; a decoded token's stays for the next one
+            sess.run_with_iobinding(binding, shrink_arena() if s > 1 else None)
         except Exception as exc:
             raise RuntimeGraphError(f"graph layer{n}.attn failed: {one_line(exc)}") from None
         # Only h and m: copy_outputs_to_cpu() would also copy present_key/value, i.e. the whole KV
