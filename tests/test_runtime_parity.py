@@ -88,3 +88,25 @@ def test_fp16_kv_cache_answers_as_fp32(tiny, family: str, tmp_path) -> None:
         finite = np.isfinite(want)
         scale = np.abs(want[finite]).max()
         assert np.abs(got[finite] - want[finite]).max() <= 2e-3 * scale
+
+
+@pytest.mark.parametrize("family,precision", [("stablelm", "int4"), ("stablelm", "fp32"), ("deepseek-vl2-tiny", "fp32")])
+def test_a_chunked_prefill_computes_the_same_logits(tiny, family: str, precision: str, monkeypatch) -> None:
+    """Prefill in chunks (engine.PREFILL_CHUNK) and in one pass give the same tokens. int4 logits are
+    bit-identical (integer GEMMs: a row's arithmetic does not depend on the rows beside it); fp32 GEMMs
+    block by the number of rows, so fp32 logits move by rounding only."""
+    import edgemoe.runtime.engine as engine
+
+    bundle = tiny.bundle(family, precision)
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 1 << 20)  # one pass
+    whole = run_engine(bundle, tiny.image, max_tokens=TOKENS)
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 7)  # a prompt of dozens of positions: many chunks, a ragged tail
+    chunked = run_engine(bundle, tiny.image, max_tokens=TOKENS)
+    assert chunked[0] == whole[0]
+    for got, want in zip(chunked[1], whole[1]):
+        if precision == "int4":
+            np.testing.assert_array_equal(got, want)
+        else:
+            finite = np.isfinite(want)
+            assert np.array_equal(finite, np.isfinite(got))
+            assert np.abs(got[finite] - want[finite]).max() <= 1e-5 * np.abs(want[finite]).max()

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from edgemoe.bundle import Bundle
 from edgemoe.model.config import ModelConfig
 from edgemoe.offload.budget import ExpertBudget, MemoryBudget, format_bytes
+from edgemoe.runtime.engine import PREFILL_CHUNK
 
 FIXED_SLACK = 16 << 20  # interpreter and allocator noise between the measurement and the run
 # Resident bytes of an ORT CPU session (made from the file's path) per byte of its expert file,
@@ -99,12 +100,14 @@ def session_factor(bundle: Bundle) -> float:
 
 
 def activation_bytes(cfg: ModelConfig, positions: int, vision_tokens: int, vision_hidden: int) -> int:
-    """A generous estimate of the largest transient of one forward pass over `positions` tokens.
+    """A generous estimate of the largest transient of a prefill over `positions` tokens, computed in
+    chunks of at most PREFILL_CHUNK (engine).
 
-    Decoder layer: q|k|v, attention scores (heads x P x P, fp32), h and m, the MLP's three
-    [P, ffn] activations and the host's routed copies; the vision tower's pass the same way."""
+    Decoder layer, per chunk of C: q|k|v, attention scores (heads x C x P, fp32), h and m, the MLP's
+    three [C, ffn] activations and the host's routed copies; the vision tower's pass the same way."""
     p, t = positions, vision_tokens
-    decoder = p * (10 * cfg.hidden_size + 3 * cfg.intermediate_size) + cfg.num_heads * p * p
+    c = min(p, PREFILL_CHUNK)
+    decoder = c * (10 * cfg.hidden_size + 3 * cfg.intermediate_size) + cfg.num_heads * c * p
     vision = t * 14 * vision_hidden + 16 * t * t
     return 4 * max(decoder, vision)
 

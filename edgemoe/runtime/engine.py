@@ -3,8 +3,10 @@
 Contract: the engine knows nothing about tokenization. `prefill(ids, images)` takes prompt ids with
 one IMAGE_TOKEN_INDEX marker per image (upstream's `tokenizer_image_token` output) and each image's
 projected rows, splices them exactly as upstream (text embedded, the i-th marker replaced by all N_i
-rows of the i-th image, positions 0..L'-1 over the spliced sequence), runs every layer once over the
-whole prompt and returns the last position's logits. `decode(token)` runs one token at the next
+rows of the i-th image, positions 0..L'-1 over the spliced sequence), runs every layer over the prompt
+in chunks of at most `PREFILL_CHUNK` positions (each chunk attends to the cache the earlier ones
+wrote: the same result, with activations bounded by the chunk rather than the prompt; a fixed size,
+so every budget computes the same way) and returns the last position's logits. `decode(token)` runs one token at the next
 position. Logits at or past `logit_limit` (len(tokenizer); upstream truncates the vocabulary to it)
 are -inf. `generate_step` chains them: prefill, then sample, yield, decode, until a stop id (which
 is yielded, as HF's generate returns it) or `max_tokens`.
@@ -96,6 +98,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+# Positions per prefill pass. Why 256: it bounds a prefill's activations (for StableLM-2, 146 -> 62 MB
+# at 632 positions, what a memory budget sets aside) while a chunk still fills the int4 GEMMs; a
+# smaller chunk re-reads more experts under a small expert cache (every chunk routes to most of them).
+PREFILL_CHUNK = 256
 
 
 class Engine:
@@ -212,7 +220,8 @@ class Engine:
         self.context[:] = positions[:keep]
         self.moe.reset_hints()
         x = self.embed_prompt(ids, images)[keep:]
-        hidden = self.forward(x)
+        for start in range(0, len(x), PREFILL_CHUNK):
+            hidden = self.forward(x[start:start + PREFILL_CHUNK])
         self.context.extend(positions[keep:])
         if self.prompt_cache is not None and end and not restored:
             self.prompt_cache.save(self.cache, positions[:end], digest)
