@@ -273,6 +273,13 @@ class MappedExpertStore:
         return paths, sizes
 
     @property
+    def load_transient_bytes(self) -> int:
+        """Memory one load holds outside the cache's reservation while it runs. Paging a mapped expert in
+        fills pages the cache reserved beforehand; only a first load builds the expert's session, whose
+        lasting cost is in `session_overhead_bytes`: at most one more session's worth while it is built."""
+        return SESSION_OVERHEAD
+
+    @property
     def session_overhead_bytes(self) -> int:
         """Private memory of every expert's session, once all exist (they are never freed): measured on
         this machine by `per_session_overhead`, never more than the SESSION_OVERHEAD ceiling each."""

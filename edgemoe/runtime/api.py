@@ -276,6 +276,7 @@ class ChatSession:
                                   baseline_rss=psutil.Process().memory_info().rss - engine.cache.resident_bytes(),
                                   kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
                                   sizes=resident_sizes(store), fixed_bytes=getattr(store, "session_overhead_bytes", 0),
+                                  load_transient=getattr(store, "load_transient_bytes", None),
                                   startup_peak=rss_high_water())
         provider = make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store, opts.loaders)
         if self.budget.memory_budget is not None and hasattr(provider, "cache"):

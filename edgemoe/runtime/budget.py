@@ -12,8 +12,10 @@ Contract: `plan_budget(bundle, memory_budget, expert_budget, ...)` returns a `Bu
                              (`baseline_rss`); the experts get what is left after that baseline, the
                              KV cache's untouched pages (np.zeros is lazily backed, so RSS does not yet
                              show them), the prefill's activations (estimated from the prompt length)
-                             and a slack for expert loads in flight (a file's bytes plus the session
-                             being built from them, for the prefetcher and a demand load at once)
+                             and a slack for expert loads in flight (for the prefetcher and a demand
+                             load at once, what the store says one load holds outside the cache:
+                             a file's bytes plus the session built from them for session stores, a
+                             session being built for the mapped store, whose pages the cache reserved)
                              (`edgemoe.offload.budget.MemoryBudget`).
   both                       the smaller capacity.
 
@@ -121,11 +123,15 @@ def prefill_activation(bundle: Bundle, positions: int) -> int:
 
 def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: str | int | None, *,
                 baseline_rss: int = 0, kv_cache_bytes: int = 0, prompt_positions: int = 0,
-                sizes: dict | None = None, fixed_bytes: int = 0, startup_peak: int = 0) -> BudgetPlan:
-    """The expert cache capacity for these budgets (module docstring)."""
+                sizes: dict | None = None, fixed_bytes: int = 0, startup_peak: int = 0,
+                load_transient: int | None = None) -> BudgetPlan:
+    """The expert cache capacity for these budgets (module docstring). `load_transient`: what one
+    expert load holds outside the cache's reservation (the store says; default a file's bytes plus
+    the session built from them)."""
     factor = 1.0 if sizes is not None else session_factor(bundle)
     sizes = sizes if sizes is not None else expert_sizes(bundle)
     largest, total = max(sizes.values()), sum(sizes.values())
+    transient = int(largest * factor) if load_transient is None else int(load_transient)
     capacities: list[int] = []
     memory = None
     cap = None
@@ -136,7 +142,7 @@ def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: 
         memory = MemoryBudget.parse(
             memory_budget, trunk_bytes=int(baseline_rss), kv_cache_bytes=int(kv_cache_bytes),
             activation_bytes=prefill_activation(bundle, prompt_positions),
-            slack_bytes=FIXED_SLACK + int(fixed_bytes) + int(LOADS_IN_FLIGHT * largest * factor),
+            slack_bytes=FIXED_SLACK + int(fixed_bytes) + LOADS_IN_FLIGHT * transient,
             startup_peak_bytes=int(startup_peak))
         resident = {k: int(v * factor) for k, v in sizes.items()}
         capacity = int(memory.expert_budget(resident).capacity_bytes / factor)
