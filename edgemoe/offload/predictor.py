@@ -200,7 +200,8 @@ class PredictionStats:
         with self._lock:
             self._withheld += count
 
-    def record(self, predicted: Iterable[int], needed: Iterable[int]) -> None:
+    def record(self, predicted: Iterable[int], needed: Iterable[int]) -> float | None:
+        """Score one guess against what was needed; its precision (None for an empty guess)."""
         p, n = set(predicted), set(needed)
         hit = len(p & n)
         with self._lock:
@@ -214,6 +215,7 @@ class PredictionStats:
             if n:
                 self._recall_sum += hit / len(n)
                 self._recall_events += 1
+        return hit / len(p) if p else None
 
     def summary(self) -> PredictionSummary:
         with self._lock:
@@ -250,9 +252,13 @@ class HintGate:
 
     def record(self, layer: int, hinted: Iterable[int], needed: Iterable[int]) -> None:
         guess = set(hinted)
-        if not guess:
+        if guess:
+            self.update(layer, len(guess & set(needed)) / len(guess))
+
+    def update(self, layer: int, hit: float | None) -> None:
+        """Fold one scored guess's precision (`PredictionStats.record`'s result; None: no guess) in."""
+        if hit is None:
             return
-        hit = len(guess & set(needed)) / len(guess)
         was = self._precision.get(layer)
         self._precision[layer] = hit if was is None else was + self._alpha * (hit - was)
 

@@ -68,8 +68,7 @@ class MoELayer:
         needed = routing.needed()
         hinted = self._hinted.pop(layer, None)
         if hinted is not None:
-            self.predictions.record(hinted, needed)
-            self.gate.record(layer, hinted, needed)
+            self.gate.update(layer, self.predictions.record(hinted, needed))  # one scoring serves both
         self.predictor.observe(layer, needed)
         run_layer = getattr(self.provider, "run_layer", None)
         if run_layer is not None:  # fused experts: the whole layer in one call, nothing to page
