@@ -3,8 +3,9 @@
 A leaf module: the bundle reader, the offload stores and the bench all use it.
 
 Contract: `cached_bytes(path)` is how many bytes of the file the page cache holds now (as `fincore`
-counts them: `mincore` over a fresh read-only shared mapping, which faults nothing in), or None
-where it cannot be measured (not Linux/glibc, the file unreadable). `drop_cached(path, ranges)`
+counts them: `cachestat`, or `mincore` over a read-only shared mapping, which faults nothing in), or None
+where it cannot be measured (not Linux/glibc, the file unreadable); `CacheProbe(paths)` counts many
+files again and again, each mapped once, so that one sweep is close to a snapshot. `drop_cached(path, ranges)`
 asks the kernel to drop the file's clean pages in `ranges` (all of it by default). Pages that a
 process maps and has faulted in stay (they are that process's RSS), dirty pages stay until written
 (`sync_and_drop` writes them first), and the call never fails: dropping is advice, and a file that
@@ -49,6 +50,7 @@ def _libc() -> Any:
                 _lib = False
     lib = _lib or None
     if lib is not None and lib.mincore.argtypes is None:
+        lib.syscall.restype = ctypes.c_long
         lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                              ctypes.c_long]
         lib.mmap.restype = ctypes.c_void_p
@@ -60,31 +62,100 @@ def _libc() -> Any:
 
 def cached_bytes(path: str | os.PathLike) -> int | None:
     """Bytes of `path` in the page cache now (module docstring); 0 for an empty file."""
-    lib = _libc()
-    if lib is None:
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
+    with CacheProbe([path]) as probe:
+        counts = probe.cached()
+    return counts[0]
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]  # len 0: to the end of the file
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+_SYS_CACHESTAT = 451  # Linux >= 6.5; the same number on every architecture (the unified syscall table)
+
+
+class CacheProbe:
+    """`cached_bytes` for many files, over and over, fast enough to be a snapshot.
+
+    Each file is opened once and kept until `close()`. Where the kernel has `cachestat` (Linux 6.5+),
+    `cached()` is one cachestat per file, whose cost follows the pages cached (0.3 ms for 189 files of
+    which little is cached); elsewhere each file is mapped once (read-only, shared, never touched) and
+    counted with `mincore`, whose cost follows the file's size (42 ms for the same files, 4 GB). A
+    sweep taking tens of milliseconds is not a snapshot: a paging run swaps several experts meanwhile,
+    and one paged in after its file was counted and one paged out before are both counted. mincore mode
+    has a caveat: the probe's mappings show in its own /proc/self/maps, where the mapped expert store
+    looks for the mappings its sessions made, so measure another process."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike]) -> None:
+        self._lib = _libc()
+        self._fds: list[int | None] = [self._open(p) for p in paths]
+        self._maps: list[tuple[int, int] | None] | None = None  # mincore mode: (address, size) per file
+        if self._lib is not None and not self._cachestat_works():
+            self._maps = [self._map(fd) for fd in self._fds]
+
+    @staticmethod
+    def _open(path: str | os.PathLike) -> int | None:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+
+    def _cachestat_works(self) -> bool:
+        fd = next((fd for fd in self._fds if fd is not None), None)
+        return fd is not None and self._cachestat(fd) is not None
+
+    def _cachestat(self, fd: int) -> int | None:
+        out = _Cachestat()
+        if self._lib.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_CachestatRange(0, 0)), ctypes.byref(out), 0) != 0:
+            return None
+        return out.nr_cache * PAGE
+
+    def _map(self, fd: int | None) -> tuple[int, int] | None:
+        """(address, size) of a fresh mapping of the file, (0, 0) when empty, None when unmappable."""
+        if fd is None:
+            return None
         size = os.fstat(fd).st_size
         if size == 0:
-            return 0
-        addr = lib.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
-        if addr in (None, _MAP_FAILED):
+            return (0, 0)
+        addr = self._lib.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
+        return None if addr in (None, _MAP_FAILED) else (addr, size)
+
+    def cached(self) -> list[int | None]:
+        """Bytes of each file in the page cache now, in the order given; None where unmeasurable."""
+        if self._lib is None:
+            return [None] * len(self._fds)
+        if self._maps is not None:
+            return [self._mincore(m) for m in self._maps]
+        return [None if fd is None else self._cachestat(fd) for fd in self._fds]
+
+    def _mincore(self, mapping: tuple[int, int] | None) -> int | None:
+        if mapping is None or mapping[1] == 0:
+            return None if mapping is None else 0
+        addr, size = mapping
+        vec = (ctypes.c_ubyte * -(-size // PAGE))()
+        if self._lib.mincore(addr, size, vec) != 0:
             return None
-        try:
-            pages = -(-size // PAGE)
-            vec = (ctypes.c_ubyte * pages)()
-            if lib.mincore(addr, size, vec) != 0:
-                return None
-            resident = int((np.frombuffer(vec, np.uint8) & 1).sum())  # bit 0: resident; others reserved
-        finally:
-            lib.munmap(addr, size)
-    finally:
-        os.close(fd)
-    return resident * PAGE
+        return int((np.frombuffer(vec, np.uint8) & 1).sum()) * PAGE  # bit 0: resident; others reserved
+
+    def close(self) -> None:
+        for mapping in self._maps or ():
+            if mapping is not None and mapping[1]:
+                self._lib.munmap(mapping[0], mapping[1])
+        for fd in self._fds:
+            if fd is not None:
+                os.close(fd)
+        self._maps, self._fds = None, []
+
+    def __enter__(self) -> "CacheProbe":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def resident_array_bytes(array: np.ndarray) -> int | None:

@@ -3,7 +3,8 @@
 Contract: `status_bytes(field, pid)` reads a kB field of /proc/<pid>/status (VmRSS, VmHWM,
 RssAnon, ...) as bytes; `io_bytes(field, pid)` a field of /proc/<pid>/io (read_bytes, ...). Both
 return None where the file or field is missing (not Linux, the process gone). `smaps_rss(pid, group)`
-sums the Rss of the mappings in /proc/<pid>/smaps by `group(start address, path)` (None: skipped),
+sums the Rss of the mappings in /proc/<pid>/smaps by `group(start address, path)` (None: skipped;
+with `file_backed_only`, less their Anonymous pages),
 {} where it cannot be read. A leaf module.
 """
 
@@ -32,7 +33,10 @@ def _field(path: str, field: str, unit: int) -> int | None:
     return None
 
 
-def smaps_rss(pid: int | str, group: Callable[[int, str], Hashable | None]) -> dict[Hashable, int]:
+def smaps_rss(pid: int | str, group: Callable[[int, str], Hashable | None],
+              file_backed_only: bool = False) -> dict[Hashable, int]:
+    """Rss by group; `file_backed_only` leaves out each mapping's Anonymous pages (a library's written
+    data pages, copied on write: RssAnon counts them, though smaps lists them under the file)."""
     out: dict[Hashable, int] = {}
     current = None
     try:
@@ -44,6 +48,8 @@ def smaps_rss(pid: int | str, group: Callable[[int, str], Hashable | None]) -> d
                     current = group(int(head.split("-")[0], 16), parts[5].rstrip("\n") if len(parts) == 6 else "")
                 elif current is not None and head == "Rss:":
                     out[current] = out.get(current, 0) + int(line.split()[1]) * 1024
+                elif current is not None and file_backed_only and head == "Anonymous:":
+                    out[current] = out.get(current, 0) - int(line.split()[1]) * 1024
     except OSError:
         return {}
     return out

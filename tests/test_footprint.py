@@ -1,6 +1,7 @@
 """The memory budget bounds the footprint (RSS plus the page cache a run keeps), measured with mincore.
 
-Equivalences: what `cached_bytes` reports == what was read / dropped; an evicted expert leaves neither
+Equivalences: what `cached_bytes` reports == what was read / dropped; a kept probe's two ways of
+counting agree; a watched file's pages count once, mapped or only cached; an evicted expert leaves neither
 RSS nor page cache; hashing a bundle file leaves it uncached; a read error part-way through a page-in
 leaves nothing resident, cached or counted, with or without MADV_POPULATE_READ (never a SIGBUS); and an
 8-turn chat under --memory-budget keeps its footprint, sampled from outside, within the budget.
@@ -23,7 +24,7 @@ from edgemoe.offload.footprint import FootprintSampler, measure_footprint, model
 from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
 from edgemoe.offload.prepacked import PrepackedGraphs
 from edgemoe.model.config import KVLayout
-from edgemoe.page_cache import PAGE, cached_bytes, drop_cached, resident_array_bytes, sync_and_drop
+from edgemoe.page_cache import PAGE, CacheProbe, cached_bytes, drop_cached, resident_array_bytes, sync_and_drop
 from edgemoe.runtime.kv_cache import KVCache
 from offload_fakes import write_expert_bundle
 from test_runtime_fixtures import tiny  # noqa: F401 (fixture)
@@ -66,6 +67,67 @@ def test_cached_bytes_follow_reads_and_drops(tmp_path: Path) -> None:
     assert cached_bytes(path) == 7 * PAGE
     drop_cached(path)
     assert cached_bytes(path) == 0
+
+
+def test_the_cache_probe_agrees_with_mincore_read_after_read(tmp_path: Path) -> None:
+    """A probe kept open sees every later read and drop; cachestat (where the kernel has it) and mincore
+    over a kept mapping count the same pages of the same files."""
+    paths = [tmp_path / f"f{i}.bin" for i in range(3)]
+    for i, path in enumerate(paths):
+        path.write_bytes(os.urandom((8 + i) * PAGE))
+    paths.append(tmp_path / "empty.bin")
+    paths[-1].write_bytes(b"")
+    sync_and_drop(paths)
+    fast = CacheProbe(paths)
+    slow = CacheProbe(paths)
+    slow._maps = [slow._map(fd) for fd in slow._fds]  # the fallback, forced
+    with fast, slow:
+        assert fast.cached() == slow.cached() == [0, 0, 0, 0]
+        paths[1].read_bytes()
+        drop_cached(paths[1], [(0, 2 * PAGE)])
+        paths[2].read_bytes()
+        assert fast.cached() == slow.cached() == [0, 7 * PAGE, 10 * PAGE, 0]
+        drop_cached(paths[2])
+        assert fast.cached() == slow.cached() == [0, 7 * PAGE, 0, 0]
+    assert CacheProbe([tmp_path / "missing"]).cached() == [None]
+
+
+_HOLD = """
+import mmap, os, sys, time
+path, how = sys.argv[1], sys.argv[2]
+with open(path, "rb") as f:
+    if how == "map":
+        view = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        total = sum(view[i] for i in range(0, len(view), mmap.PAGESIZE))  # every page faulted in
+    else:
+        f.read()  # cached, not mapped
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["map", "read"])
+def test_a_watched_page_counts_once_whether_mapped_or_only_cached(tmp_path: Path, how: str) -> None:
+    """The footprint of a process holding a 32 MiB watched file: mapped, the pages are its RSS and count
+    once (nothing beyond RSS); read, they are page cache beyond its RSS. Either way the watched part is
+    the file, and the rest is what the process holds without it."""
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(32 << 20))
+    sync_and_drop([path])
+    child = subprocess.Popen([sys.executable, "-c", _HOLD, str(path), how], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        footprint = measure_footprint(child.pid, [path])
+    finally:
+        child.kill()
+        child.wait()
+    assert footprint is not None and footprint.model_cache_bytes == 32 << 20
+    if how == "map":
+        assert footprint.file_cache_bytes <= 64 * PAGE  # RSS already holds the file: counted once
+        assert footprint.rss_bytes >= footprint.private_bytes + (32 << 20)
+    else:
+        assert footprint.file_cache_bytes >= (32 << 20) - 64 * PAGE
+        assert footprint.rss_bytes < footprint.private_bytes + (8 << 20)
 
 
 def test_a_kv_cache_counts_only_the_pages_written() -> None:

@@ -5,8 +5,8 @@ intermediate process is needed for an honest ru_maxrss), polls the resident set 
 process tree with psutil every `interval_s` (20 ms) while it runs, and returns a `ChildRun`: exit
 code, wall time, `peak_rss_bytes` (the command's ru_maxrss from wait4: exact, the kernel's own
 high-water mark), `peak_rss_polled_bytes` (the largest sample: can miss a peak shorter than the
-interval, but sums a tree), with `watch_files` the peak footprint (that RSS plus the files' page
-cache the command does not map, sampled as often as a 10% share of one core allows: `footprint_due`),
+interval, but sums a tree), with `watch_files` the peak footprint (the command's memory plus the watched files' page
+cache, `offload.footprint`, plus any other descendants' RSS, sampled as often as a 10% share of one core allows: `footprint_due`),
 its stdout and the tail of its stderr. `parse_json_output` finds the one JSON object a child printed
 (`edgemoe ask --json`), tolerating log lines before it. A child that outlives `timeout_s` is
 terminated (then killed) and reported with `timed_out`.
@@ -31,11 +31,11 @@ from edgemoe.bench.errors import BenchError
 
 REAPER = Path(__file__).with_name("_reaper.py")
 POLL_S = 0.02
-# A footprint sample reads the child's smaps and mincores every watched file: ~0.1 s for 1,500 files, and
-# over 0.2 s for DeepSeek-VL2-Small's 3,400 bundle and prepacked files with 1,664 sessions mapped. Sampled
-# every 100 ms it kept one of the two cores busy beside the run it measured (seen on Small); so the next
-# sample waits FOOTPRINT_IDLE times as long as the last one took, at least FOOTPRINT_MIN_S.
-FOOTPRINT_MIN_S = 0.1
+# A footprint sample costs ~5 ms with cachestat (189 files, StableLM) but 0.1-0.2 s where the kernel lacks it
+# (mincore over 4-32 GB of files), plus smaps once a second. Sampled every 100 ms, the slow kind kept one of
+# the two cores busy beside the run it measured (seen on Small); so the next sample waits FOOTPRINT_IDLE
+# times as long as the last one took, at least FOOTPRINT_MIN_S.
+FOOTPRINT_MIN_S = 0.05
 FOOTPRINT_IDLE = 9  # <= 10% of one core
 STDERR_TAIL = 4000
 
@@ -58,8 +58,8 @@ class ChildRun:
     stdout: str
     stderr_tail: str
     timed_out: bool = False
-    peak_footprint_bytes: int | None = None  # RSS + watched files' unmapped page cache, sampled (None: not watched)
-    peak_file_cache_bytes: int | None = None  # the page-cache part at that peak
+    peak_footprint_bytes: int | None = None  # offload.footprint's total, sampled (None: not watched)
+    peak_file_cache_bytes: int | None = None  # the part of that peak beyond RSS (cached, not mapped)
 
     @property
     def ok(self) -> bool:
@@ -97,6 +97,7 @@ class _RssPoller:
         self.files = list(files) if files else None
         self.peak_footprint: tuple[int, int] | None = None  # (footprint, its page-cache part)
         self._next_footprint = 0.0  # monotonic time of the next footprint sample
+        self._probe: Any = None  # a FootprintProbe of the command, kept open while it runs
         self._root = psutil.Process(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="edgemoe-bench-rss", daemon=True)
@@ -120,11 +121,30 @@ class _RssPoller:
                 self._next_footprint = time.monotonic() + footprint_due(time.monotonic() - t0)
 
     def _footprint(self, pid: int, rss: int) -> None:
-        from edgemoe.offload.footprint import measure_footprint
+        """The command's own footprint (`offload.footprint`) plus the RSS of any other descendants."""
+        from edgemoe.offload.footprint import FootprintProbe
 
-        now = measure_footprint(pid, self.files)
-        if now is not None and (self.peak_footprint is None or rss + now.file_cache_bytes > self.peak_footprint[0]):
-            self.peak_footprint = (rss + now.file_cache_bytes, now.file_cache_bytes)
+        if self._probe is None or self._probe.pid != pid:
+            self._close_probe()
+            self._probe = FootprintProbe(pid, self.files)
+        now = self._probe.measure()
+        if now is None:
+            return
+        total = now.total_bytes + max(0, rss - self._rss_of(pid))
+        if self.peak_footprint is None or total > self.peak_footprint[0]:
+            self.peak_footprint = (total, now.file_cache_bytes)
+
+    @staticmethod
+    def _rss_of(pid: int) -> int:
+        try:
+            return psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            return 0
+
+    def _close_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -138,6 +158,7 @@ class _RssPoller:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        self._close_probe()
 
 
 def _reader(stream, sink: list[bytes]) -> threading.Thread:
