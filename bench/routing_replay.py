@@ -11,7 +11,9 @@ experts; a mixed-precision bundle would need per-expert sizes). Over the decode 
 (one token each) it counts the experts each cache would have had to load, per decoded token:
   static-oracle   the C experts used most often in this very decode (the best any static cache can do);
   static-prefill  the C experts that the prompt's prefill routed the most tokens to (what a run could pin
-                  knowing only the prompt);
+                  knowing only the prompt), a miss loaded into memory outside the C;
+  static-same-memory  the same, within the same memory: the prompt's C - 1 most-routed experts pinned and
+                  one slot into which each miss is loaded (a cache must hold the expert it runs);
   lru-demand      an LRU cache of C experts loaded on demand only, no prefetch, starting from the
                   static-prefill set;
   pinned-P        the prompt's P x C most-routed experts pinned, an on-demand LRU of the other
@@ -58,9 +60,8 @@ def lru_loads(decode: list[TraceRecord], capacity: int, start: list[Key]) -> int
     return loads
 
 
-def pinned_lru_loads(decode: list[TraceRecord], capacity: int, order: list[Key], fraction: float) -> int:
-    """Loads with the first `fraction` of `capacity` of `order` pinned and an LRU over the rest."""
-    k = int(capacity * fraction)
+def pinned_lru_loads(decode: list[TraceRecord], capacity: int, order: list[Key], k: int) -> int:
+    """Loads with the first `k` of `order` pinned and an LRU over the other `capacity - k` slots."""
     pinned = set(order[:k])
     rest = [r for r in (TraceRecord(r.layer, r.tokens, {e: c for e, c in r.experts.items() if (r.layer, e) not in pinned})
                         for r in decode)]
@@ -94,8 +95,10 @@ def replay(stats: dict, records: list[TraceRecord]) -> dict:
              "static-prefill": static_loads(decode, set(prefill_set)),
              "lru-demand": lru_loads(decode, capacity, prefill_set)}
     order = top(prefill_use, len(prefill_use))
+    if capacity > 1:
+        loads["static-same-memory"] = pinned_lru_loads(decode, capacity, order, capacity - 1)
     for fraction in PINNED_FRACTIONS:
-        loads[f"pinned-{fraction}"] = pinned_lru_loads(decode, capacity, order, fraction)
+        loads[f"pinned-{fraction}"] = pinned_lru_loads(decode, capacity, order, int(capacity * fraction))
     per_token = {k: v / tokens * one for k, v in loads.items()}
     per_token["uniform"] = (1 - capacity / experts_total) * top_k * len(layers) * one
     new = max(stats["new_tokens"] - 1, 1)

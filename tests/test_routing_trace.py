@@ -59,8 +59,8 @@ def test_replay_counts_loads_as_by_hand() -> None:
     assert replay.static_loads(one, {(1, 0)}) == 3  # 1, 2, 1 missing
     assert replay.static_loads(one, {(1, 0), (1, 1)}) == 1
     assert replay.lru_loads(one, 2, [(1, 0), (1, 1)]) == 2  # 2 evicts 1, then 1 comes back
-    assert replay.pinned_lru_loads(one, 2, [(1, 0), (1, 1)], 0.5) == 2  # 0 pinned; a 1-slot LRU holds 1, 2, 1
-    assert replay.pinned_lru_loads(one, 2, [(1, 0), (1, 1)], 1.0) == 1  # {0, 1} pinned: only 2 loads
+    assert replay.pinned_lru_loads(one, 2, [(1, 0), (1, 1)], 1) == 2  # 0 pinned; a 1-slot LRU holds 1, 2, 1
+    assert replay.pinned_lru_loads(one, 2, [(1, 0), (1, 1)], 2) == 1  # {0, 1} pinned: only 2 loads
     prefill = [TraceRecord(1, 9, {0: 2, 1: 9, 2: 7, 3: 0})]
     stats = {"expert_cache_fraction": 0.5, "expert_budget_bytes": 200, "new_tokens": 4, "decode_bytes_paged": 300}
     result = replay.replay(stats, prefill + one)
@@ -68,4 +68,6 @@ def test_replay_counts_loads_as_by_hand() -> None:
     per = result["static_bytes_per_token"]
     assert per["static-oracle"] == pytest.approx(100 / 3)  # {0, 1}: one load (expert 2) over 3 tokens
     assert per["static-prefill"] == pytest.approx(100)  # {1, 2}: expert 0 three times over 3 tokens
+    # {1} pinned, one slot (first 2): 0 loads, 2 loads, 0 loads
+    assert per["static-same-memory"] == pytest.approx(100)
     assert result["edgemoe_paged_bytes_per_token"] == 100

@@ -219,6 +219,8 @@ class ChatSession:
             clock.token()
             if not tokens:
                 clock.at_first = CounterSnapshot.take(self.provider, engine.moe.predictions, self.bundle.hash_seconds)
+                if self._live is not None:
+                    self._live.prefilled()
             tokens.append(token)
             emit(token, stream.push(token) if token not in self.stop_ids else "")
             rss.sample()

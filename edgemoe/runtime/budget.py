@@ -114,6 +114,12 @@ def activation_bytes(cfg: ModelConfig, positions: int, vision_tokens: int, visio
     return 4 * max(decoder, vision)
 
 
+def decode_activation(cfg: ModelConfig, positions: int) -> int:
+    """The largest transient of decoding one token at `positions` of context: the same terms as a
+    prefill chunk of one row (the warm-up token's are in the baseline already; counted again, small)."""
+    return 4 * (10 * cfg.hidden_size + 3 * cfg.intermediate_size + cfg.num_heads * positions)
+
+
 def prefill_activation(bundle: Bundle, positions: int) -> int:
     """`activation_bytes` for a prefill of `positions` with this bundle's model and vision tower."""
     vision = bundle.manifest.vision

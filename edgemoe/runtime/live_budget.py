@@ -7,6 +7,10 @@ the expert cache (evicting by policy) before each takes its memory:
   fit_prompt(engine, positions, limit)   a prompt and its answer: the KV cache grows to hold them
                                          (old and new buffers both count while it is copied) and the
                                          prefill needs activations for `positions`
+  prefilled()                            the prompt is in the KV cache: decoding one token needs a
+                                         few hundred KB, so the prefill's activation reserve (59 MB for
+                                         StableLM's image prompt: three experts) goes to the experts
+                                         until the next prompt takes it back
   vision_closed() / vision_reopening()   the vision tower runs once per image: between images it is
                                          closed and its measured bytes go to the experts; a later
                                          image takes them back first
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from edgemoe.offload.sessions import trim_heap
-from edgemoe.runtime.budget import BudgetPlan, prefill_activation
+from edgemoe.runtime.budget import BudgetPlan, decode_activation, prefill_activation
 
 if TYPE_CHECKING:
     from edgemoe.bundle import Bundle
@@ -52,6 +56,11 @@ class LiveBudget:
             self._apply(engine.cache.nbytes + grown, 0)  # while the cache is copied, both count
             engine.reserve(need)
         self._apply(engine.cache.nbytes, 0)
+
+    def prefilled(self) -> None:
+        """The prefill is done: its activation reserve goes to the experts while the answer decodes."""
+        self._activation = decode_activation(self.bundle.manifest.model_config(), self.engine.cache.capacity)
+        self._apply(self.engine.cache.nbytes, 0)
 
     def vision_reopening(self) -> None:
         """Room for the vision tower before it opens again."""
