@@ -103,25 +103,28 @@ class _RssPoller:
         self._thread = threading.Thread(target=self._loop, name="edgemoe-bench-rss", daemon=True)
 
     def _sample(self) -> None:
-        total = 0
         try:
             children = self._root.children(recursive=True)
         except psutil.Error:
             return
+        sizes = []
         for child in children:
             try:
-                total += child.memory_info().rss
+                sizes.append(child.memory_info().rss)
             except psutil.Error:
-                pass  # exited between listing and reading
+                sizes.append(0)  # exited between listing and reading
         if children:
+            total = sum(sizes)
             self.peak, self.samples = max(self.peak, total), self.samples + 1
             if self.files and time.monotonic() >= self._next_footprint:
                 t0 = time.monotonic()
-                self._footprint(children[0].pid, total)
+                self._footprint(children[0].pid, total - sizes[0])
                 self._next_footprint = time.monotonic() + footprint_due(time.monotonic() - t0)
 
-    def _footprint(self, pid: int, rss: int) -> None:
-        """The command's own footprint (`offload.footprint`) plus the RSS of any other descendants."""
+    def _footprint(self, pid: int, others: int) -> None:
+        """The command's own footprint (`offload.footprint`) plus `others`, its descendants' RSS (read in
+        the same pass as one another; the command's own RSS is read again by the probe, so that an
+        expert evicted in between is not counted twice)."""
         from edgemoe.offload.footprint import FootprintProbe
 
         if self._probe is None or self._probe.pid != pid:
@@ -130,16 +133,9 @@ class _RssPoller:
         now = self._probe.measure()
         if now is None:
             return
-        total = now.total_bytes + max(0, rss - self._rss_of(pid))
+        total = now.total_bytes + others
         if self.peak_footprint is None or total > self.peak_footprint[0]:
             self.peak_footprint = (total, now.file_cache_bytes)
-
-    @staticmethod
-    def _rss_of(pid: int) -> int:
-        try:
-            return psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            return 0
 
     def _close_probe(self) -> None:
         if self._probe is not None:
