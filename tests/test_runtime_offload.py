@@ -163,12 +163,14 @@ def test_read_error_while_paging_raises_instead_of_hanging(tiny, monkeypatch, st
     assert "\n" not in str(error)
 
 
-def test_the_prefill_reserve_goes_to_the_experts_while_decoding_and_comes_back(tiny) -> None:
-    """Under a memory budget the prefill's activation reserve is lent to the expert cache once the prompt
-    is in the KV cache, and taken back (evicting by policy) before the next prompt's prefill."""
+def test_the_prefill_reserve_goes_to_the_experts_while_decoding_and_comes_back(tiny, monkeypatch) -> None:
+    """Under a memory budget the prefill's activation reserve, less an allowance for allocator noise, is
+    lent to the expert cache once the prompt is in the KV cache, and taken back (evicting by policy)
+    before the next prompt's prefill. A reserve smaller than the allowance is not lent at all."""
+    from edgemoe.runtime import live_budget
     from edgemoe.bundle import Bundle
     from edgemoe.offload.budget import MemoryBudget
-    from edgemoe.runtime.budget import BudgetPlan, decode_activation, prefill_activation
+    from edgemoe.runtime.budget import FIXED_SLACK, BudgetPlan, decode_activation
     from edgemoe.runtime.live_budget import LiveBudget
 
     bundle = Bundle.open(tiny.bundle("stablelm"))
@@ -192,19 +194,13 @@ def test_the_prefill_reserve_goes_to_the_experts_while_decoding_and_comes_back(t
     live = LiveBudget(plan, bundle, cache, _Engine(), trunk=None)
     live.fit_prompt(40, 8)
     live.prefilled()
+    assert cache.sizes[1] == cache.sizes[0]  # the tiny model's reserve is below the allowance: kept
+    monkeypatch.setattr(live_budget, "prefill_activation", lambda bundle, positions: positions << 20)  # 1 MB each
+    cache.sizes.clear()
+    live.fit_prompt(40, 8)
+    live.prefilled()
     live.fit_prompt(48, 8)
-    prefill, decode = prefill_activation(bundle, 40), decode_activation(bundle.manifest.model_config(), 64)
-    assert decode < prefill // 10
-    assert cache.sizes[1] - cache.sizes[0] == prefill - decode  # lent while decoding
-    assert cache.sizes[2] == cache.sizes[0] - (prefill_activation(bundle, 48) - prefill)  # taken back
+    decode = decode_activation(bundle.manifest.model_config(), 64)
+    assert cache.sizes[1] - cache.sizes[0] == (40 << 20) - decode - FIXED_SLACK  # lent while decoding
+    assert cache.sizes[2] == cache.sizes[0] - (8 << 20)  # taken back, and the longer prompt's 8 MB more
 
-
-def test_answers_are_the_same_when_the_reserve_is_lent_to_experts(tiny) -> None:
-    """A budget whose expert cache grows after the prefill still gives the resident answer."""
-    bundle = tiny.bundle("stablelm")
-    with pytest.raises(BudgetError) as info:
-        ask(bundle, "What is it?", tiny.image, max_tokens=2, memory_budget="20MB")
-    minimum = int(str(info.value).split("the minimum budget is ")[1].split(" bytes")[0])
-    result = ask(bundle, "What is it?", tiny.image, max_tokens=12, memory_budget=minimum + (1 << 20))
-    assert result.stats.cache_misses > 0
-    assert result.token_ids == ask(bundle, "What is it?", tiny.image, max_tokens=12).token_ids
