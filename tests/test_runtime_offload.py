@@ -200,7 +200,11 @@ def test_the_prefill_reserve_goes_to_the_experts_while_decoding_and_comes_back(t
     live.fit_prompt(40, 8)
     live.prefilled()
     live.fit_prompt(48, 8)
+    live.prefilled()
+    live.vision_bytes = 5 << 20
+    live.vision_reopening()  # a chat's next image, encoded before its prompt is fitted
     decode = decode_activation(bundle.manifest.model_config(), 64)
     assert cache.sizes[1] - cache.sizes[0] == (40 << 20) - decode - FIXED_SLACK  # lent while decoding
     assert cache.sizes[2] == cache.sizes[0] - (8 << 20)  # taken back, and the longer prompt's 8 MB more
+    assert cache.sizes[4] == cache.sizes[2] - (5 << 20)  # the vision pass gets the reserve back, and its tower
 

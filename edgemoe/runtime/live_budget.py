@@ -45,12 +45,15 @@ class LiveBudget:
                  vision_bytes: int = 0) -> None:
         self.plan, self.bundle, self.cache, self.engine, self.trunk = plan, bundle, cache, engine, trunk
         self.vision_bytes = vision_bytes
-        self._activation = plan.memory_budget.activation_bytes if plan.memory_budget else 0
+        # What a prefill (or an image's vision pass) needs, and what is held now: the same, except while
+        # an answer decodes, when most of the reserve is lent to the experts (`prefilled`).
+        self._reserve = plan.memory_budget.activation_bytes if plan.memory_budget else 0
+        self._activation = self._reserve
 
     def fit_prompt(self, positions: int, limit: int) -> None:
         engine = self.engine
         need = min(positions + limit, engine.max_positions)
-        self._activation = prefill_activation(self.bundle, positions)
+        self._reserve = self._activation = prefill_activation(self.bundle, positions)
         if need > engine.cache.capacity:
             grown = need * (engine.cache.nbytes // engine.cache.capacity)
             self._apply(engine.cache.nbytes + grown, 0)  # while the cache is copied, both count
@@ -62,11 +65,13 @@ class LiveBudget:
         FIXED_SLACK more allocator noise. Lending all of it left decoding 2 MB over a 1.5 GB budget in
         one of four runs (StableLM int4, footprint sampled from outside every 50 ms)."""
         decode = decode_activation(self.bundle.manifest.model_config(), self.engine.cache.capacity)
-        self._activation = min(self._activation, decode + FIXED_SLACK)
+        self._activation = min(self._reserve, decode + FIXED_SLACK)
         self._apply(self.engine.cache.nbytes, 0)
 
     def vision_reopening(self) -> None:
-        """Room for the vision tower before it opens again."""
+        """Room for the vision tower before it opens again, and the reserve its pass needs back from the
+        experts (a chat's next image is encoded before its prompt is fitted)."""
+        self._activation = self._reserve
         self._apply(self.engine.cache.nbytes, self.vision_bytes)
 
     def vision_closed(self, vision_bytes: int) -> None:
