@@ -5,8 +5,8 @@ A leaf module: the bundle reader, the offload stores and the bench all use it.
 Contract: `cached_bytes(path)` is how many bytes of the file the page cache holds now (as `fincore`
 counts them: `cachestat`, or `mincore` over a read-only shared mapping, which faults nothing in), or None
 where it cannot be measured (not Linux/glibc, the file unreadable); `CacheProbe(paths)` counts many
-files again and again, each mapped once, so that one sweep is close to a snapshot. `drop_cached(path, ranges)`
-asks the kernel to drop the file's clean pages in `ranges` (all of it by default). Pages that a
+files again and again, each opened once, so that one sweep is close to a snapshot.
+`drop_cached(path, ranges)` asks the kernel to drop the file's clean pages in `ranges` (all of it by default). Pages that a
 process maps and has faulted in stay (they are that process's RSS), dirty pages stay until written
 (`sync_and_drop` writes them first), and the call never fails: dropping is advice, and a file that
 cannot be opened has no pages to drop. On tmpfs nothing is dropped (its pages are the file).
@@ -91,11 +91,12 @@ class CacheProbe:
     has a caveat: the probe's mappings show in its own /proc/self/maps, where the mapped expert store
     looks for the mappings its sessions made, so measure another process."""
 
-    def __init__(self, paths: Iterable[str | os.PathLike]) -> None:
+    def __init__(self, paths: Iterable[str | os.PathLike], cachestat: bool = True) -> None:
+        """`cachestat=False` counts with mincore even where cachestat works (tests compare the two)."""
         self._lib = _libc()
         self._fds: list[int | None] = [self._open(p) for p in paths]
         self._maps: list[tuple[int, int] | None] | None = None  # mincore mode: (address, size) per file
-        if self._lib is not None and not self._cachestat_works():
+        if self._lib is not None and not (cachestat and self._cachestat_works()):
             self._maps = [self._map(fd) for fd in self._fds]
 
     @staticmethod
@@ -136,11 +137,7 @@ class CacheProbe:
     def _mincore(self, mapping: tuple[int, int] | None) -> int | None:
         if mapping is None or mapping[1] == 0:
             return None if mapping is None else 0
-        addr, size = mapping
-        vec = (ctypes.c_ubyte * -(-size // PAGE))()
-        if self._lib.mincore(addr, size, vec) != 0:
-            return None
-        return int((np.frombuffer(vec, np.uint8) & 1).sum()) * PAGE  # bit 0: resident; others reserved
+        return _resident_bytes(self._lib, *mapping)
 
     def close(self) -> None:
         for mapping in self._maps or ():
@@ -165,11 +162,15 @@ def resident_array_bytes(array: np.ndarray) -> int | None:
     if lib is None or array.nbytes == 0:
         return None if lib is None else 0
     start = array.ctypes.data // PAGE * PAGE
-    size = array.ctypes.data + array.nbytes - start
+    return _resident_bytes(lib, start, array.ctypes.data + array.nbytes - start)
+
+
+def _resident_bytes(lib: Any, addr: int, size: int) -> int | None:
+    """Bytes of the pages in [addr, addr + size) that `mincore` reports resident; None if it fails."""
     vec = (ctypes.c_ubyte * -(-size // PAGE))()
-    if lib.mincore(ctypes.c_void_p(start), size, vec) != 0:
+    if lib.mincore(ctypes.c_void_p(addr), size, vec) != 0:
         return None
-    return int((np.frombuffer(vec, np.uint8) & 1).sum()) * PAGE
+    return int((np.frombuffer(vec, np.uint8) & 1).sum()) * PAGE  # bit 0: resident; others reserved
 
 
 def drop_cached(path: str | os.PathLike, ranges: Iterable[tuple[int, int]] | None = None) -> None:

@@ -59,7 +59,7 @@ def test_replay_counts_loads_as_by_hand() -> None:
     assert replay.static_loads(one, {(1, 0)}) == 3  # 1, 2, 1 missing
     assert replay.static_loads(one, {(1, 0), (1, 1)}) == 1
     assert replay.lru_loads(one, 2, [(1, 0), (1, 1)]) == 2  # 2 evicts 1, then 1 comes back
-    assert replay.pinned_lru_loads(one, 2, [(1, 0), (1, 1)], 1) == 2  # 0 pinned; a 1-slot LRU holds 1, 2, 1
+    assert replay.pinned_lru_loads(one, 2, [(1, 0), (1, 1)], 1) == 2  # 0 pinned; a 1-slot LRU starting with 1: 1 hits, 2 and 1 load
     assert replay.pinned_lru_loads(one, 2, [(1, 0), (1, 1)], 2) == 1  # {0, 1} pinned: only 2 loads
     prefill = [TraceRecord(1, 9, {0: 2, 1: 9, 2: 7, 3: 0})]
     stats = {"expert_cache_fraction": 0.5, "expert_budget_bytes": 200, "new_tokens": 4, "decode_bytes_paged": 300}

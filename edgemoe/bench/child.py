@@ -5,9 +5,9 @@ intermediate process is needed for an honest ru_maxrss), polls the resident set 
 process tree with psutil every `interval_s` (20 ms) while it runs, and returns a `ChildRun`: exit
 code, wall time, `peak_rss_bytes` (the command's ru_maxrss from wait4: exact, the kernel's own
 high-water mark), `peak_rss_polled_bytes` (the largest sample: can miss a peak shorter than the
-interval, but sums a tree), with `watch_files` the peak footprint (the command's memory plus the watched files' page
-cache, `offload.footprint`, plus any other descendants' RSS, sampled as often as a 10% share of one core allows: `footprint_due`),
-its stdout and the tail of its stderr. `parse_json_output` finds the one JSON object a child printed
+interval, but sums a tree), with `watch_files` the peak footprint (the command's memory plus the
+watched files' page cache, `offload.footprint`, plus any other descendants' RSS, sampled as often as
+a 10% share of one core allows: `footprint_due`), its stdout and the tail of its stderr. `parse_json_output` finds the one JSON object a child printed
 (`edgemoe ask --json`), tolerating log lines before it. A child that outlives `timeout_s` is
 terminated (then killed) and reported with `timed_out`.
 """

@@ -50,10 +50,6 @@ class Footprint:
         return max(0, self.total_bytes - self.rss_bytes)
 
 
-def process_rss(pid: int) -> int | None:
-    return status_bytes("VmRSS", pid)
-
-
 def unwatched_file_rss(pid: int, files: set[str]) -> int:
     """File-backed Rss of `pid`'s mappings of files outside `files` (real paths), from /proc/PID/smaps
     (their copied-on-write pages are anonymous: RssAnon has them)."""

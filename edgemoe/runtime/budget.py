@@ -107,17 +107,20 @@ def activation_bytes(cfg: ModelConfig, positions: int, vision_tokens: int, visio
 
     Decoder layer, per chunk of C: q|k|v, attention scores (heads x C x P, fp32), h and m, the MLP's
     three [C, ffn] activations and the host's routed copies; the vision tower's pass the same way."""
-    p, t = positions, vision_tokens
-    c = min(p, PREFILL_CHUNK)
-    decoder = c * (10 * cfg.hidden_size + 3 * cfg.intermediate_size) + cfg.num_heads * c * p
+    t = vision_tokens
     vision = t * 14 * vision_hidden + 16 * t * t
-    return 4 * max(decoder, vision)
+    return max(_decoder_transient(cfg, min(positions, PREFILL_CHUNK), positions), 4 * vision)
 
 
 def decode_activation(cfg: ModelConfig, positions: int) -> int:
-    """The largest transient of decoding one token at `positions` of context: the same terms as a
-    prefill chunk of one row (the warm-up token's are in the baseline already; counted again, small)."""
-    return 4 * (10 * cfg.hidden_size + 3 * cfg.intermediate_size + cfg.num_heads * positions)
+    """The largest transient of decoding one token at `positions` of context: a prefill chunk of one row
+    (the warm-up token's are in the baseline already; counted again, small)."""
+    return _decoder_transient(cfg, 1, positions)
+
+
+def _decoder_transient(cfg: ModelConfig, chunk: int, positions: int) -> int:
+    """Bytes (fp32) a decoder layer holds for a chunk of `chunk` rows over `positions` of context."""
+    return 4 * (chunk * (10 * cfg.hidden_size + 3 * cfg.intermediate_size) + cfg.num_heads * chunk * positions)
 
 
 def prefill_activation(bundle: Bundle, positions: int) -> int:
