@@ -27,7 +27,7 @@ from edgemoe.bench.child import parse_json_output, run_child
 from edgemoe.bench.limits import evict_pages
 from edgemoe.bench.machine import machine_info
 from edgemoe.offload.footprint import model_files
-from edgemoe.offload.prepacked import cache_root
+from edgemoe.cache_dir import cache_root
 
 QUESTION_A = "Describe this image in detail."
 QUESTION_B = "What colours are in this image?"

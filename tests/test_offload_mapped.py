@@ -101,13 +101,13 @@ def test_offloaded_mapped_equals_resident_sessions(bundle: Bundle, graphs: Prepa
 def test_prepared_once_and_reused(bundle: Bundle, graphs: PrepackedGraphs, monkeypatch: pytest.MonkeyPatch) -> None:
     MappedExpertStore(bundle, graphs)
     written = {p: p.stat().st_mtime_ns for p in graphs.root.rglob("*") if p.is_file()}
-    assert len(written) == 2 * len(KEYS)  # a graph and its data file per expert
+    assert len(written) == 2 * len(KEYS) + 1  # a graph and its data file per expert, and the ledger
 
     def must_not_write(*args, **kwargs):
         raise AssertionError("a prepared graph was written again")
 
     monkeypatch.setattr(prepacked_module, "write_prepacked", must_not_write)
-    MappedExpertStore(bundle, graphs)
+    MappedExpertStore(bundle, PrepackedGraphs(graphs.root))  # as a new process would open it
     assert {p: p.stat().st_mtime_ns for p in graphs.root.rglob("*") if p.is_file()} == written
 
 
@@ -131,6 +131,27 @@ def test_interrupted_preparation_leaves_nothing(bundle: Bundle, graphs: Prepacke
     assert not [f for f in files if f.startswith(".prepack-")], files
     monkeypatch.setattr(prepacked_module, "write_prepacked", real)
     store = MappedExpertStore(bundle, graphs)  # the next run finishes the job
+    assert np.array_equal(store.load(KEYS[1]).run(x_in()), OnnxExpertStore(bundle).load(KEYS[1]).run(x_in()))
+
+
+def test_a_changed_or_unrecorded_twin_is_prepared_again(bundle: Bundle, graphs: PrepackedGraphs,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    MappedExpertStore(bundle, graphs)
+    sha = bundle.manifest.expert(KEYS[1]).sha256
+    assert all(graphs.exists(bundle.manifest.expert(k).sha256) for k in KEYS)
+    data = graphs.path(sha).with_suffix(".bin")
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # a disk error, or anything else that rewrote the packed weights
+    data.write_bytes(bytes(blob))
+    assert not graphs.exists(sha)
+    assert graphs.exists(bundle.manifest.expert(KEYS[0]).sha256)
+    assert not PrepackedGraphs(graphs.root.parent / "elsewhere").exists(sha)  # files without a record
+    written = []
+    real = prepacked_module.write_prepacked
+    monkeypatch.setattr(prepacked_module, "write_prepacked",
+                        lambda source, *a: written.append(Path(source).name) or real(source, *a))
+    store = MappedExpertStore(bundle, PrepackedGraphs(graphs.root))  # the next run reads the ledger afresh
+    assert written == [Path(bundle.manifest.expert(KEYS[1]).path).name]  # only the changed twin
     assert np.array_equal(store.load(KEYS[1]).run(x_in()), OnnxExpertStore(bundle).load(KEYS[1]).run(x_in()))
 
 

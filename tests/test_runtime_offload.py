@@ -111,6 +111,24 @@ def test_corrupt_expert_file_is_a_one_line_error(tiny, tmp_path: Path) -> None:
     assert "sha256" in lines[0]
 
 
+def test_a_later_run_hashes_nothing_that_has_not_changed(tiny, tmp_path: Path, monkeypatch) -> None:
+    from edgemoe.bundle import reader
+
+    bundle = copy_bundle(tiny.bundle("stablelm"), tmp_path / "fresh")  # files no run has hashed yet
+    hashed: list[str] = []
+    real = reader.sha256_file
+    monkeypatch.setattr(reader, "sha256_file", lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
+    first = ask(bundle, "What is it?", tiny.image, max_tokens=4, expert_budget="50%")
+    assert hashed and all(name.endswith(".onnx") for name in hashed)
+    hashed.clear()
+    second = ask(bundle, "What is it?", tiny.image, max_tokens=4, expert_budget="50%")  # opens the bundle afresh
+    assert hashed == [] and second.token_ids == first.token_ids
+    _corrupt(bundle / "experts" / "L2" / "E1.onnx")  # changed since: hashed again, and caught
+    run = edgemoe_cli("ask", str(bundle), "What is it?", "--image", str(tiny.image), "--max-tokens", "4",
+                      "--expert-budget", "50%", timeout=60)
+    assert run.returncode == 2 and "L2/E1" in run.stderr and "sha256" in run.stderr, run.stderr
+
+
 def _fail_paging(monkeypatch, bundle: Path, store: str) -> None:
     """Make reading expert L0/E2 fail with EIO the way each store reads it."""
     if store == "sessions":

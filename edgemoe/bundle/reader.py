@@ -5,9 +5,10 @@ right size: cheap, and it catches a truncated copy before a session is created),
 nothing: hashing gigabytes belongs to `verify()` (all or some entries, with a progress callback) or
 to `verify_file(entry)`, which the runtime calls when it pages a file from disk. `verify_file`
 remembers what it hashed, keyed by the file's (size, mtime, inode), so asking again is one `stat`
-unless the file changed or `recheck=True`. Every failure is a one-line `BundleError` naming the path:
-not a directory, not a bundle, bad JSON, a newer schema, a missing file, a wrong size, a bad sha256.
-Verifying a graph also verifies its external-data file. Nothing here imports onnx or onnxruntime.
+unless the file changed or `recheck=True`; given a `HashLedger`, it also remembers across processes
+(a later run hashes only what changed since: `edgemoe.bundle.ledger`). Every failure is a one-line
+`BundleError` naming the path: not a directory, not a bundle, bad JSON, a newer schema, a missing
+file, a wrong size, a bad sha256. Verifying a graph also verifies its external-data file. Nothing here imports onnx or onnxruntime.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from edgemoe.bundle.entries import MANIFEST_NAME, BundleError, FileEntry
 from edgemoe.bundle.hashing import sha256_file
+from edgemoe.bundle.ledger import HashLedger
 from edgemoe.bundle.manifest import Manifest
 from edgemoe.keys import ExpertKey
 from edgemoe.page_cache import drop_cached
@@ -33,19 +35,21 @@ _MAX_MANIFEST = 64 << 20  # a manifest of thousands of experts is well under a M
 class Bundle:
     """A bundle directory and its manifest. Build with `Bundle.open(path)`."""
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
+    def __init__(self, root: Path, manifest: Manifest, ledger: HashLedger | None = None) -> None:
         self.root = root
         self.manifest = manifest
+        self.ledger = ledger  # hashes remembered across processes (None: this process only)
         self._verified: dict[str, tuple[int, int, int, int]] = {}  # path -> stat identity when hashed
         self._lock = threading.Lock()  # the runtime verifies from a paging thread
         self.hash_seconds = 0.0  # time spent hashing files (a TTFT component on a first touch)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, check_sizes: bool = True) -> "Bundle":
+    def open(cls, path: str | os.PathLike[str], *, check_sizes: bool = True,
+             ledger: HashLedger | None = None) -> "Bundle":
         """Parse and validate manifest.json; with check_sizes, stat every listed file too."""
         root = Path(path)
         manifest = Manifest.from_json(_read_manifest(root), source=str(root / MANIFEST_NAME))
-        bundle = cls(root, manifest)
+        bundle = cls(root, manifest, ledger)
         if check_sizes:
             for entry in manifest.files:
                 bundle._stat(entry)
@@ -93,13 +97,24 @@ class Bundle:
         footprint, and a later read of the file should come from disk as it would on a small machine)."""
         for e in self.manifest.files_of(entry):
             identity = self._stat(e)
-            if not recheck and self._verified.get(e.path) == identity:
+            if not recheck and self._known(e, identity):
                 continue
             self._check(e)
 
+    def _known(self, entry: FileEntry, identity: tuple[int, int, int, int]) -> bool:
+        """Whether this file, as it stands (`identity`), was hashed to the manifest's digest: by this
+        process, or by an earlier one according to the ledger (then remembered here too)."""
+        if self._verified.get(entry.path) == identity:
+            return True
+        if self.ledger is None or not self.ledger.attests(self.path_of(entry), identity, entry.sha256):
+            return False
+        with self._lock:
+            self._verified[entry.path] = identity
+        return True
+
     def is_verified(self, entry: FileEntry) -> bool:
         """Whether `verify`/`verify_file` hashed this file and it has not changed since (by stat)."""
-        return all(self._verified.get(e.path) == self._stat(e) for e in self.manifest.files_of(entry))
+        return all(self._known(e, self._stat(e)) for e in self.manifest.files_of(entry))
 
     def _check(self, entry: FileEntry, on_bytes: Callable[[int], None] | None = None) -> None:
         before = self._stat(entry)
@@ -114,6 +129,8 @@ class Bundle:
             raise BundleError(f"{entry.path} failed its sha256 check: the bundle is corrupt or was modified")
         with self._lock:
             self._verified[entry.path] = before
+        if self.ledger is not None:
+            self.ledger.record(self.path_of(entry), before, digest)
 
     def _stat(self, entry: FileEntry) -> tuple[int, int, int, int]:
         """The file's identity; BundleError when it is missing or has the wrong size."""

@@ -9,8 +9,10 @@ session again. The packed layout depends on the CPU's kernels and on ORT's versi
 live in a per-machine cache (`machine_signature()`), keyed by the expert file's sha256: produced on
 the machine that runs them (a first-run step), never at export time, and shared by every bundle
 holding the same expert. A graph is written into a temporary directory and renamed into place, its
-data file first: a graph file present means its data is complete, so an interrupted preparation
-leaves nothing a later run could mistake for a finished one.
+data file first, and then both files' stat identities are recorded in the directory's `HashLedger`
+as made from `sha256`: a twin counts as present only while both files are exactly as written (an
+interrupted preparation, a truncated or rewritten file, or a cache from before the ledger is
+prepared again), so the file that runs is checked on every run for the price of two `stat`s.
 
 Where: `$EDGEMOE_CACHE_DIR`, else `$XDG_CACHE_HOME/edgemoe`, else `~/.cache/edgemoe`, under
 `prepacked/<signature>/`. The data file holds the original quantized weights as well as the packed
@@ -29,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgemoe.bundle.ledger import HashLedger, file_identity
+from edgemoe.cache_dir import cache_root
 from edgemoe.page_cache import drop_cached, sync_and_drop
 
 log = logging.getLogger(__name__)
@@ -38,15 +42,6 @@ PREPACKED_KEY = "prepacked"  # external_data keys ORT writes for packed blobs: "
 SESSION_OVERHEAD = 1 << 20  # private bytes of one idle expert session (measured ~0.5 MB for int4)
 
 SessionOptionsFactory = Callable[[], Any]
-
-
-def cache_root() -> Path:
-    """The user's edgemoe cache directory (module docstring)."""
-    explicit = os.environ.get("EDGEMOE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "edgemoe"
 
 
 def cpu_description() -> str:
@@ -87,17 +82,26 @@ class PrepackedGraphs:
 
     def __init__(self, root: Path | None = None, signature: str | None = None) -> None:
         self.root = Path(root) if root is not None else cache_root() / "prepacked" / (signature or machine_signature())
+        self.ledger = HashLedger(self.root / "ledger.jsonl")
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.onnx"
 
     def exists(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
+        """Whether the twin of `sha256` is complete and unchanged since it was written."""
+        try:
+            return all(self.ledger.attests(f, file_identity(f), sha256) for f in self._files(sha256))
+        except OSError:
+            return False
+
+    def _files(self, sha256: str) -> tuple[Path, Path]:
+        graph = self.path(sha256)
+        return graph, data_file(graph)
 
     def ensure(self, sha256: str, source: Path, options: SessionOptionsFactory) -> Path:
         """The prepacked graph for expert file `source` (content `sha256`), written if missing."""
         target = self.path(sha256)
-        if target.is_file():
+        if self.exists(sha256):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".prepack-", dir=target.parent))
@@ -109,6 +113,8 @@ class PrepackedGraphs:
             # does not hold the whole prepacked cache (about twice the experts) beyond its budget.
             sync_and_drop([target.parent / data.name, target])
             drop_cached(source)  # ORT read the bundle's graph to pack it
+            for f in self._files(sha256):
+                self.ledger.record(f, file_identity(f), sha256)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.debug("prepacked %s -> %s", source, target)
