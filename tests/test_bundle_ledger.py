@@ -76,11 +76,11 @@ def test_a_later_process_does_not_hash_what_an_earlier_one_verified(bundle_dir: 
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     hashed = _count_hashes(monkeypatch)
     ledgers = tmp_path / "verified"
-    first = Bundle.open(bundle_dir, ledger=HashLedger.for_directory(ledgers, bundle_dir))
+    first = Bundle.open(bundle_dir, ledger=HashLedger.for_directory(bundle_dir, ledgers))
     entry = first.expert_entry(ExpertKey(2, 1))
     first.verify_file(entry)
     assert hashed == ["E1.onnx"]
-    second = Bundle.open(bundle_dir, ledger=HashLedger.for_directory(ledgers, bundle_dir))
+    second = Bundle.open(bundle_dir, ledger=HashLedger.for_directory(bundle_dir, ledgers))
     assert second.is_verified(entry)
     second.verify_file(entry)
     assert hashed == ["E1.onnx"]  # no second hash
@@ -93,11 +93,11 @@ def test_a_later_process_does_not_hash_what_an_earlier_one_verified(bundle_dir: 
 
 def test_a_file_changed_after_it_was_recorded_is_hashed_again_and_caught(bundle_dir: Path, tmp_path: Path) -> None:
     ledgers = tmp_path / "verified"
-    first = Bundle.open(bundle_dir, ledger=HashLedger.for_directory(ledgers, bundle_dir))
+    first = Bundle.open(bundle_dir, ledger=HashLedger.for_directory(bundle_dir, ledgers))
     entry = first.expert_entry(ExpertKey(2, 1))
     first.verify_file(entry)
     flip_byte(bundle_dir / entry.path)
-    later = Bundle.open(bundle_dir, ledger=HashLedger.for_directory(ledgers, bundle_dir))
+    later = Bundle.open(bundle_dir, ledger=HashLedger.for_directory(bundle_dir, ledgers))
     assert not later.is_verified(entry)
     with pytest.raises(BundleError, match=TAMPERED):
         later.verify_file(entry)
@@ -108,10 +108,10 @@ def test_a_copy_of_a_verified_bundle_is_hashed_afresh(bundle_dir: Path, tmp_path
     import shutil
 
     ledgers = tmp_path / "verified"
-    Bundle.open(bundle_dir, ledger=HashLedger.for_directory(ledgers, bundle_dir)).verify()
+    Bundle.open(bundle_dir, ledger=HashLedger.for_directory(bundle_dir, ledgers)).verify()
     copy = tmp_path / "copy"
     shutil.copytree(bundle_dir, copy)
     hashed = _count_hashes(monkeypatch)
-    bundle = Bundle.open(copy, ledger=HashLedger.for_directory(ledgers, copy))
+    bundle = Bundle.open(copy, ledger=HashLedger.for_directory(copy, ledgers))
     bundle.verify_file(bundle.expert_entry(ExpertKey(0, 0)))
     assert hashed == ["E0.onnx"]

@@ -18,11 +18,12 @@ class Checked:
         self.cache = ExpertCache(capacity, policy, **kw)
         self.evicted: list[int] = []
 
-    def put(self, key: ExpertKey, nbytes: int = 10, pin: bool = False) -> None:
+    def put(self, key: ExpertKey, nbytes: int = 10, lease: str | None = None):
         before = set(self.cache.resident())
-        self.cache.put(key, FakeRunner(key, nbytes), pin=pin)
+        taken = self.cache.put(key, FakeRunner(key, nbytes), lease=lease)
         self.evicted += sorted(before - set(self.cache.resident()))
         self.check()
+        return taken
 
     def get(self, *keys: ExpertKey) -> None:
         for key in keys:
@@ -78,30 +79,38 @@ def test_edgemoe_scores_frequency_over_forward_layer_distance() -> None:
     assert c.evicted == [l3, l7, l5]
 
 
-def test_pinned_keys_are_never_evicted() -> None:
+def test_leased_keys_are_never_evicted_and_the_error_names_each_holder() -> None:
     c = Checked(30)
-    c.put(A, pin=True)
+    use = c.put(A, lease="use")
     c.put(B), c.put(C)
-    c.put(D)  # A is least recent but pinned
+    c.put(D)  # A is least recent but leased
     assert c.evicted == [B]
-    c.cache.pin([C, D])
-    with pytest.raises(CacheCapacityError, match=r"no room for expert L1/E4 \(10 bytes\).*L1/E0, L1/E2, L1/E3"):
+    guard = c.cache.lease([C, D], "guard")
+    hold = c.cache.lease([D], "hold", until_step=3)
+    with pytest.raises(CacheCapacityError, match=r"no room for expert L1/E4 \(10 bytes\): 30 of 30 bytes are leased "
+                       r"or loading \(L1/E0 \(use\), L1/E2 \(guard\), L1/E3 \(guard, hold\)\)"):
         c.put(E)
     assert c.cache.resident() == (A, C, D)
-    c.cache.unpin([A])
+    assert [(lease.keys, lease.purpose, lease.until_step) for lease in c.cache.leases()] == [
+        ((A,), "use", None), ((C, D), "guard", None), ((D,), "hold", 3)]
+    use.release()
+    use.release()  # a second release changes nothing
     c.put(E)
     assert c.evicted == [B, A]
-    with pytest.raises(OffloadError, match="not pinned"):
-        c.cache.unpin([A])
+    guard.release()
+    assert c.cache.pinned() == (D,) and hold.active and not guard.active
+    hold.release()
+    assert c.cache.pinned() == () and c.cache.leases() == ()
 
 
-def test_pins_nest_and_acquire_pins_atomically() -> None:
+def test_leases_nest_and_acquire_leases_atomically() -> None:
     c = Checked(20)
     c.put(A)
-    assert c.cache.acquire(A) is not None and c.cache.acquire(A) is not None
+    first, second = c.cache.acquire(A), c.cache.acquire(A)
+    assert first is not None and second is not None and first[0] is second[0]
     c.put(B)
-    c.cache.unpin([A])
-    c.put(C)  # A still pinned once: B goes
+    first[1].release()
+    c.put(C)  # A still leased once: B goes
     assert c.evicted == [B]
     assert c.cache.acquire(D) is None and c.cache.pinned() == (A,)
 

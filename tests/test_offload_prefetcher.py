@@ -55,7 +55,7 @@ def test_prefetched_key_becomes_a_hit(store: FakeStore, parts) -> None:
     s = cache.stats()
     assert (s.hits, s.misses) == (2, 0)
     assert store.threads == ["edgemoe-prefetch-0"] * 2
-    assert prefetcher.stats().prefetched == 2 and cache.pinned() == ()  # hints are pinned only while loading
+    assert prefetcher.stats().prefetched == 2 and cache.pinned() == ()  # hints are leased only while loading
 
 
 def test_wait_on_an_in_flight_key_returns_when_its_load_completes(store: FakeStore, parts) -> None:
@@ -67,9 +67,12 @@ def test_wait_on_an_in_flight_key_returns_when_its_load_completes(store: FakeSto
     assert cache.is_reserved(K0) and not out  # the load is held by the gate: nothing can have returned
     gate.set()
     thread.join(PATIENCE)
-    assert out["value"].key == K0 and cache.pinned() == (K0,)  # pinned for the waiter
+    runner, lease = out["value"]
+    assert runner.key == K0 and cache.pinned() == (K0,) and lease.purpose == "use"  # leased to the waiter
     assert store.loads == [K0]  # the waiter did not load it a second time
-    cache.unpin([K0])
+    lease.release()
+    lease.release()  # twice is harmless
+    assert cache.pinned() == ()
 
 
 def test_no_duplicate_loads_for_a_key_requested_twice(store: FakeStore, parts) -> None:
@@ -97,7 +100,7 @@ def test_a_failed_load_reaches_the_waiter_and_the_prefetcher_keeps_working() -> 
     assert out["error"] is store.errors[0] and isinstance(out["error"], ExpertLoadError)
     assert str(out["error"]) == "cannot load expert L1/E0: disk on fire"
     assert store.loads == [K0] and cache.stats().used_bytes == 0  # reservation given back
-    assert prefetcher.wait(K0).key == K0  # asked again: loaded (on this thread), the store works now
+    assert prefetcher.wait(K0)[0].key == K0  # asked again: loaded (on this thread), the store works now
     prefetcher.request([K1])
     assert prefetcher.join_idle(PATIENCE) and K1 in cache
     assert prefetcher.stats().failed == 1 and prefetcher.stats().demand_loads == 1
@@ -106,7 +109,7 @@ def test_a_failed_load_reaches_the_waiter_and_the_prefetcher_keeps_working() -> 
 
 def test_wait_for_an_unrequested_key_loads_it_on_the_callers_thread(store: FakeStore, parts) -> None:
     cache, prefetcher, clock = parts
-    runner = prefetcher.wait(K2)
+    runner, _ = prefetcher.wait(K2)
     assert runner.key == K2 and store.threads == [threading.current_thread().name]
     assert cache.pinned() == (K2,) and prefetcher.stats().demand_loads == 1
     assert prefetcher.stats().wait_seconds == 0.0  # the fake clock did not move
@@ -117,7 +120,7 @@ def test_a_queued_key_is_taken_over_by_its_waiter(store: FakeStore, parts) -> No
     gate = store.gate(K0)
     prefetcher.request([K0, K1])
     assert store.started[K0].wait(PATIENCE)  # the thread is stuck on K0; K1 is still queued
-    assert prefetcher.wait(K1).key == K1  # loaded here instead of waiting behind K0
+    assert prefetcher.wait(K1)[0].key == K1  # loaded here instead of waiting behind K0
     gate.set()
     assert prefetcher.join_idle(PATIENCE)
     assert store.loads == [K0, K1] and store.threads[1] == threading.current_thread().name
@@ -137,7 +140,7 @@ def test_stale_requests_are_dropped(store: FakeStore, parts) -> None:
     assert store.loads == [K0, K2] and prefetcher.stats().dropped_stale == 1
 
 
-def test_urgent_loads_stay_pinned_until_taken_and_go_first(store: FakeStore, parts) -> None:
+def test_urgent_loads_stay_held_until_taken_and_go_first(store: FakeStore, parts) -> None:
     cache, prefetcher, _ = parts
     gate = store.gate(K0)
     prefetcher.request([K0])
@@ -148,7 +151,11 @@ def test_urgent_loads_stay_pinned_until_taken_and_go_first(store: FakeStore, par
     assert prefetcher.join_idle(PATIENCE)
     assert store.loads == [K0, K2, K3, K1]
     assert prefetcher.held() == (K2, K3) and cache.pinned() == (K2, K3)
-    assert prefetcher.wait(K2).key == K2 and cache.pinned() == (K2, K3)  # the hold became the caller's pin
+    assert {(lease.keys, lease.purpose, lease.until_step) for lease in cache.leases()} == {((K2,), "hold", 1),
+                                                                                         ((K3,), "hold", 1)}
+    runner, lease = prefetcher.wait(K2)
+    assert runner.key == K2 and cache.pinned() == (K2, K3)  # the hold became the caller's lease
+    assert {(lease.keys, lease.purpose) for lease in cache.leases()} == {((K2,), "use"), ((K3,), "hold")}
     prefetcher.advance(2)  # K3 was never taken: its hold is released with its step
     assert cache.pinned() == (K2,) and prefetcher.held() == ()
 
@@ -156,13 +163,13 @@ def test_urgent_loads_stay_pinned_until_taken_and_go_first(store: FakeStore, par
 def test_no_room_drops_a_prefetch_and_a_demand_load_makes_room(store: FakeStore) -> None:
     cache, prefetcher, _ = make(store, capacity=10)  # exactly one expert
     try:
-        first = prefetcher.wait(K0)  # pinned: in use
+        _, first = prefetcher.wait(K0)  # leased: in use
         prefetcher.request([K1])
         assert prefetcher.join_idle(PATIENCE) and prefetcher.stats().dropped_no_room == 1
-        with pytest.raises(CacheCapacityError, match=r"no room for expert L1/E1 \(10 bytes\).*L1/E0"):
+        with pytest.raises(CacheCapacityError, match=r"no room for expert L1/E1 \(10 bytes\).*L1/E0 \(use\)"):
             prefetcher.wait(K1)  # the caller still holds K0: nothing could ever free room
-        cache.unpin([first.key])
-        assert prefetcher.wait(K1).key == K1 and cache.resident() == (K1,)
+        first.release()
+        assert prefetcher.wait(K1)[0].key == K1 and cache.resident() == (K1,)
         assert cache.stats().peak_bytes == 10
     finally:
         prefetcher.close(PATIENCE)
@@ -173,7 +180,7 @@ def test_demand_load_releases_holds_for_later_keys(store: FakeStore) -> None:
     try:
         prefetcher.request([K1], step=0, urgent=True)  # held for a later wait
         assert prefetcher.join_idle(PATIENCE) and prefetcher.held() == (K1,)
-        assert prefetcher.wait(K0).key == K0  # evicts the held K1 rather than failing
+        assert prefetcher.wait(K0)[0].key == K0  # evicts the held K1 rather than failing
         assert prefetcher.held() == () and cache.resident() == (K0,)
     finally:
         prefetcher.close(PATIENCE)

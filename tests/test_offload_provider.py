@@ -80,7 +80,7 @@ def test_one_expert_of_capacity_runs_a_top2_layer_one_expert_at_a_time() -> None
         it = provider.experts(3, [2, 0])
         k1, _ = next(it)
         assert cache.pinned() == (k1,) and cache.resident() == (k1,)
-        k2, _ = next(it)  # moving on unpinned k1, so it could be evicted for k2
+        k2, _ = next(it)  # moving on released k1, so it could be evicted for k2
         assert cache.pinned() == (k2,) and cache.resident() == (k2,)
         assert {k1, k2} == {ExpertKey(3, 0), ExpertKey(3, 2)}
         assert next(it, None) is None and cache.pinned() == ()

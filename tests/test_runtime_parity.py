@@ -92,9 +92,10 @@ def test_fp16_kv_cache_answers_as_fp32(tiny, family: str, tmp_path) -> None:
 
 @pytest.mark.parametrize("family,precision", [("stablelm", "int4"), ("stablelm", "fp32"), ("deepseek-vl2-tiny", "fp32")])
 def test_a_chunked_prefill_computes_the_same_logits(tiny, family: str, precision: str, monkeypatch) -> None:
-    """Prefill in chunks (engine.PREFILL_CHUNK) and in one pass give the same tokens. int4 logits are
-    bit-identical (integer GEMMs: a row's arithmetic does not depend on the rows beside it); fp32 GEMMs
-    block by the number of rows, so fp32 logits move by rounding only."""
+    """Prefill in chunks (engine.PREFILL_CHUNK) and in one pass give the same tokens, and logits equal
+    up to rounding: GEMM kernels block by the number of rows (fp32 everywhere; the int4 kernels too on
+    AVX-512 VNNI, measured: a 4e-6 difference in 3.3, where AVX2 gave identical bits), so a row's
+    sums may be added in another order."""
     import edgemoe.runtime.engine as engine
 
     bundle = tiny.bundle(family, precision)
@@ -104,9 +105,6 @@ def test_a_chunked_prefill_computes_the_same_logits(tiny, family: str, precision
     chunked = run_engine(bundle, tiny.image, max_tokens=TOKENS)
     assert chunked[0] == whole[0]
     for got, want in zip(chunked[1], whole[1]):
-        if precision == "int4":
-            np.testing.assert_array_equal(got, want)
-        else:
-            finite = np.isfinite(want)
-            assert np.array_equal(finite, np.isfinite(got))
-            assert np.abs(got[finite] - want[finite]).max() <= 1e-5 * np.abs(want[finite]).max()
+        finite = np.isfinite(want)
+        assert np.array_equal(finite, np.isfinite(got))
+        assert np.abs(got[finite] - want[finite]).max() <= 1e-5 * np.abs(want[finite]).max()

@@ -7,8 +7,9 @@ Q --image IMG --max-tokens N [--expert-budget B] [--memory-budget M] [--policy P
 child's JSON stats, and sets each run against its physical limit (`limits.decode_bound`, with the
 paged bytes per token the run itself reported, over the page cache: the prefill has read every
 expert). With `cold` (the default) the bundle's pages (and this machine's prepacked expert graphs,
-prepared once before the first run) are evicted before each run, so every run reads the bundle as a
-first run does. Several `expert_stores` run side by side at every budget. With `options.peers`
+prepared once before the first run, which also records the experts' hashes in the ledger every run
+reads) are evicted before each run, so every run reads the bundle from disk as a user's second and
+later runs do (neither packs nor hashes an unchanged expert again). Several `expert_stores` run side by side at every budget. With `options.peers`
 the peers run afterwards (`peers.run_peers`). A run that fails is recorded with its error and the
 sweep goes on. Progress: `progress(phase, done, total, label)`, one step per probe, run and peer.
 The library never prints.
@@ -35,6 +36,7 @@ from edgemoe.bench.peer_child import DTYPES as PEER_DTYPES
 from edgemoe.bench.prompt import DEFAULT_QUESTION, estimate_prompt_tokens, synthetic_image
 from edgemoe.bench.results import EDGEMOE, BenchReport, BenchRun, RunStats
 from edgemoe.bundle import Bundle
+from edgemoe.bundle.ledger import HashLedger
 from edgemoe.errors import EdgeMoEError
 from edgemoe.offload.footprint import model_files
 from edgemoe.offload.policies import DEFAULT_POLICY, POLICIES
@@ -284,7 +286,7 @@ def run_bench(bundle_path: str | Path, options: BenchOptions = BenchOptions(),
     """Sweep `bundle_path` (module docstring); returns the report."""
     from edgemoe.bench.peers import run_peers
 
-    bundle = Bundle.open(bundle_path)
+    bundle = Bundle.open(bundle_path, ledger=HashLedger.for_directory(bundle_path))  # as the runs open it
     total, done = _steps(options), 0
 
     def step(label: str) -> None:

@@ -28,6 +28,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from edgemoe.cache_dir import cache_root
+
 log = logging.getLogger(__name__)
 
 Identity = tuple[int, int, int, int]  # size, mtime_ns, inode, device
@@ -52,10 +54,11 @@ class HashLedger:
             self._compact()
 
     @classmethod
-    def for_directory(cls, root: Path, directory: str | os.PathLike[str]) -> "HashLedger":
-        """The ledger under `root` for the files of `directory` (named by its resolved path)."""
+    def for_directory(cls, directory: str | os.PathLike[str], root: Path | None = None) -> "HashLedger":
+        """The ledger for the files of `directory` (named by its resolved path), kept under `root`
+        (default: the user's cache, `verified/`)."""
         name = hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:16]
-        return cls(Path(root) / f"{name}{LEDGER_SUFFIX}")
+        return cls((cache_root() / "verified" if root is None else Path(root)) / f"{name}{LEDGER_SUFFIX}")
 
     def attests(self, path: str | os.PathLike[str], identity: Identity, sha256: str) -> bool:
         with self._lock:

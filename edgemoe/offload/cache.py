@@ -3,14 +3,22 @@
 Contract: `used bytes = resident experts + reservations <= capacity_bytes` at every instant, and the
 peak is recorded. A load first `reserve`s its bytes (evicting by policy to make room), then `put`s
 the runner into its reservation, or `cancel`s it when the load fails: an expert's memory is counted
-before it is allocated, so the capacity is a hard bound, not a hint. A pinned key (`pin`/`unpin`
-count, so two holders are fine) and a reservation are never evicted. An expert larger than the whole
-capacity is refused with `CacheCapacityError`; so is a `put` that cannot fit because everything
-else is pinned. `get`/`acquire` count hits and misses and tell the policy of the activation; the
-policy learns the decoding position from `advance(layer)`. Thread-safe: one lock, and evicted
-runners are dropped (sessions freed, `on_evict` called) outside it; a runner with a `release()` (a
-mapped expert, whose session outlives its pages) is released inside it, so the bytes it frees are
-free before anyone reserves them.
+before it is allocated, so the capacity is a hard bound, not a hint. A reservation, and a key under a
+live `Lease`, are never evicted. An expert larger than the whole capacity is refused with
+`CacheCapacityError`; so is a `put` that cannot fit because everything else is leased. `get`/`acquire`
+count hits and misses and tell the policy of the activation; the policy learns the decoding position
+from `advance(layer)`.
+
+Leases are the one way anything keeps an expert from eviction, whoever holds it: a MoE layer running
+an expert ("use", from `acquire` or a demand load's `put`), the prefetcher holding a current layer's
+miss for its waiter until a decoding step (a "hold", handed over to the waiter as it is), the
+provider guarding the next layer's residents while hints for later layers load ("guard"). The cache
+owns them: `lease(keys, purpose)` takes one, `Lease.release()` gives it back (twice is harmless),
+`pinned()` and `leases()` say what is held and why, and a full cache's error names each holder.
+
+Thread-safe: one lock, and evicted runners are dropped (sessions freed, `on_evict` called) outside
+it; a runner with a `release()` (a mapped expert, whose session outlives its pages) is released
+inside it, so the bytes it frees are free before anyone reserves them.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edgemoe.keys import ExpertKey
@@ -53,6 +61,26 @@ class CacheStats:
         return self.hits / total if total else None
 
 
+@dataclass(eq=False)
+class Lease:
+    """Keys the cache must not evict until `release()` (module docstring). `until_step` is the decoding
+    step the holder needs them for (None: no deadline); the holder decides what a passed step means."""
+
+    keys: tuple[ExpertKey, ...]
+    purpose: str  # "use" | "hold" | "guard"
+    until_step: int | None = None
+    _cache: "ExpertCache | None" = field(default=None, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self._cache is not None
+
+    def release(self) -> None:
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            cache._end_lease(self)
+
+
 class ExpertCache:
     """Experts resident within `capacity_bytes` (module docstring)."""
 
@@ -69,7 +97,8 @@ class ExpertCache:
         self._runners: dict[ExpertKey, ExpertRunner] = {}
         self._sizes: dict[ExpertKey, int] = {}
         self._reserved: dict[ExpertKey, int] = {}
-        self._pins: Counter[ExpertKey] = Counter()
+        self._pins: Counter[ExpertKey] = Counter()  # live leases per key
+        self._leases: set[Lease] = set()
         self._used = self._peak = 0
         self._hits = self._misses = self._evictions = self._loads = self._bytes_loaded = 0
 
@@ -88,13 +117,11 @@ class ExpertCache:
         with self._lock:
             return self._lookup(key, count=True)
 
-    def acquire(self, key: ExpertKey, *, count: bool = True) -> ExpertRunner | None:
-        """Like `get`, and pins the key when resident (atomically): the caller must `unpin` it."""
+    def acquire(self, key: ExpertKey, *, count: bool = True) -> tuple[ExpertRunner, Lease] | None:
+        """Like `get`, and leases the key for use when resident (atomically): the caller releases it."""
         with self._lock:
             runner = self._lookup(key, count)
-            if runner is not None:
-                self._pins[key] += 1
-            return runner
+            return None if runner is None else (runner, self._lease((key,), "use", None))
 
     def _lookup(self, key: ExpertKey, count: bool) -> ExpertRunner | None:
         runner = self._runners.get(key)
@@ -106,25 +133,36 @@ class ExpertCache:
                 self._hits += 1
         return runner
 
-    # --- pins and position ---------------------------------------------------------------------
+    # --- leases and position --------------------------------------------------------------------
 
-    def pin(self, keys: Iterable[ExpertKey]) -> None:
-        """Protect keys from eviction (resident or not yet); counted, so pins nest."""
+    def lease(self, keys: Iterable[ExpertKey], purpose: str, until_step: int | None = None) -> Lease:
+        """Protect `keys` (resident or not yet) from eviction until the lease is released; leases nest."""
         with self._lock:
-            self._pins.update(keys)
+            return self._lease(tuple(dict.fromkeys(keys)), purpose, until_step)
 
-    def unpin(self, keys: Iterable[ExpertKey]) -> None:
+    def _lease(self, keys: tuple[ExpertKey, ...], purpose: str, until_step: int | None) -> Lease:
+        lease = Lease(keys, purpose, until_step, self)
+        self._leases.add(lease)
+        self._pins.update(keys)
+        return lease
+
+    def _end_lease(self, lease: Lease) -> None:
         with self._lock:
-            for key in keys:
+            self._leases.discard(lease)
+            self._pins.subtract(lease.keys)
+            for key in lease.keys:
                 if self._pins[key] <= 0:
-                    raise OffloadError(f"unpin of {key}, which is not pinned")
-                self._pins[key] -= 1
-                if not self._pins[key]:
                     del self._pins[key]
 
     def pinned(self) -> tuple[ExpertKey, ...]:
+        """Keys under at least one live lease."""
         with self._lock:
             return tuple(sorted(self._pins))
+
+    def leases(self) -> tuple[Lease, ...]:
+        """The live leases, oldest key first (reporting and tests)."""
+        with self._lock:
+            return tuple(sorted(self._leases, key=lambda lease: (lease.keys, lease.purpose)))
 
     def advance(self, layer: int) -> None:
         """Decoding reached MoE layer `layer` (the edgemoe policy measures distance from it)."""
@@ -136,8 +174,8 @@ class ExpertCache:
     def reserve(self, key: ExpertKey, nbytes: int) -> bool:
         """Count `nbytes` for a load of `key` about to start, evicting by policy to make room.
 
-        False (evicting nothing) when pinned experts and other reservations leave no room; then the
-        caller may free pins, wait for loads in flight, or give up (the prefetcher decides which).
+        False (evicting nothing) when leased experts and other reservations leave no room; then the
+        caller may release holds, wait for loads in flight, or give up (the prefetcher decides which).
         """
         self._check_size(key, nbytes)
         evicted: list[ExpertRunner] = []
@@ -156,8 +194,10 @@ class ExpertCache:
         with self._lock:
             self._used -= self._reserved.pop(key, 0)
 
-    def put(self, key: ExpertKey, runner: ExpertRunner, *, pin: bool = False) -> None:
-        """Make `runner` resident (into its reservation, if any), evicting by policy; pin it if asked."""
+    def put(self, key: ExpertKey, runner: ExpertRunner, *, lease: str | None = None,
+            until_step: int | None = None) -> Lease | None:
+        """Make `runner` resident (into its reservation, if any), evicting by policy; with `lease`, leased
+        for that purpose in the same step (nothing can evict it in between), and the lease returned."""
         nbytes = int(runner.nbytes)
         evicted: list[ExpertRunner] = []
         with self._lock:
@@ -171,15 +211,15 @@ class ExpertCache:
             self._loads += 1
             self._bytes_loaded += nbytes
             self.policy.inserted(key)
-            if pin:
-                self._pins[key] += 1
+            taken = None if lease is None else self._lease((key,), lease, until_step)
         if old is not None:
             evicted.append(old)
         del old
         self._dispose(evicted)
+        return taken
 
     def discard(self, key: ExpertKey) -> bool:
-        """Evict `key` now if it is resident and unpinned; whether it was."""
+        """Evict `key` now if it is resident and unleased; whether it was."""
         with self._lock:
             if key not in self._runners or self._pins[key]:
                 return False
@@ -189,7 +229,7 @@ class ExpertCache:
         return True
 
     def clear(self) -> None:
-        """Release every unpinned expert (closing time: not counted as evictions)."""
+        """Release every unleased expert (closing time: not counted as evictions)."""
         with self._lock:
             released = [self._remove(key) for key in [k for k in self._runners if not self._pins[k]]]
         self._dispose(released)
@@ -202,7 +242,7 @@ class ExpertCache:
                                      f"({self.capacity_bytes} bytes): raise the budget to at least {nbytes}")
 
     def _make_room(self, nbytes: int, evicted: list[ExpertRunner]) -> bool:
-        """Evict unpinned experts by policy until `nbytes` more fit; evict nothing if they never could."""
+        """Evict unleased experts by policy until `nbytes` more fit; evict nothing if they never could."""
         evictable = [k for k in self._runners if not self._pins[k]]
         if self._used - sum(self._sizes[k] for k in evictable) + nbytes > self.capacity_bytes:
             return False
@@ -216,7 +256,7 @@ class ExpertCache:
 
     def resize(self, capacity_bytes: int) -> None:
         """A new capacity (a memory budget's room for experts changed: the KV cache grew); evicts by
-        policy down to it. CacheCapacityError, with nothing changed, when pinned or loading experts
+        policy down to it. CacheCapacityError, with nothing changed, when leased or loading experts
         alone exceed it."""
         evicted: list[ExpertRunner] = []
         with self._lock:
@@ -225,7 +265,7 @@ class ExpertCache:
             held = self._used - sum(self._sizes[k] for k in self._runners if not self._pins[k])
             if held > capacity_bytes:
                 raise CacheCapacityError(f"cannot shrink the expert cache to {capacity_bytes} bytes: {held} bytes "
-                                         "are pinned or loading")
+                                         "are leased or loading")
             old, self.capacity_bytes = self.capacity_bytes, capacity_bytes
             self._make_room(0, evicted)
         if capacity_bytes != old:
@@ -238,9 +278,15 @@ class ExpertCache:
             return CacheCapacityError(self._no_room(key, nbytes))
 
     def _no_room(self, key: ExpertKey, nbytes: int) -> str:
-        pinned = sorted(k for k in self._runners if self._pins[k])
+        held: dict[ExpertKey, list[str]] = {}
+        for lease in self._leases:
+            for k in lease.keys:
+                if k in self._runners:
+                    held.setdefault(k, []).append(lease.purpose)
+        holders = [f"{k} ({', '.join(sorted(purposes))})" for k, purposes in sorted(held.items())]
+        holders += [f"{k} (loading)" for k in sorted(self._reserved)]
         return (f"no room for expert {key} ({nbytes} bytes): {self._used} of {self.capacity_bytes} bytes are "
-                f"pinned or loading ({', '.join(map(str, pinned + sorted(self._reserved))) or 'nothing'}); "
+                f"leased or loading ({', '.join(holders) or 'nothing'}); "
                 "run one expert at a time or raise the budget")
 
     def _grow(self, nbytes: int) -> None:

@@ -1,6 +1,6 @@
-"""Eviction policies for the expert cache: which unpinned expert goes first when room is needed.
+"""Eviction policies for the expert cache: which unleased expert goes first when room is needed.
 
-Contract: a policy only ranks; the cache decides when to evict, never evicts a pinned key, and calls
+Contract: a policy only ranks; the cache decides when to evict, never evicts a leased key, and calls
 the policy under its own lock (so policies need no locking of their own). The cache tells the policy
 four things: `accessed(key)` each time a MoE layer asks for an expert (hit or miss: an activation),
 `inserted(key)` when an expert becomes resident, `removed(key)` when it leaves, and `advance(layer)`

@@ -6,13 +6,15 @@ loading (never two loads of one key). The thread reserves a key's bytes in the c
 store, and puts it in the cache. A request the cache has no room for is dropped, not queued behind
 pinned experts: whoever needs that key later loads it on demand. Requests carry the decoding `step`
 they are for; after `advance(step)` passes it they are stale and dropped unloaded (a load already
-under way is kept, unpinned: it is paid for, and the eviction policy decides whether it stays).
+under way is kept, unleased: it is paid for, and the eviction policy decides whether it stays).
 
-`urgent` requests are the current layer's misses: they go to the front of the queue and stay pinned
-from reservation until `wait()` hands them out, so nothing evicts them before use. Hints stay pinned
-only while loading; afterwards the eviction policy protects them (they are recent and near).
+`urgent` requests are the current layer's misses: they go to the front of the queue, their bytes are
+reserved while loading, and once loaded they stay under a "hold" lease (`ExpertCache.lease`) until
+`wait()` hands them out or decoding passes their step, so nothing evicts them before use. Hints are
+protected only while loading (their reservation); afterwards the eviction policy protects them (they
+are recent and near).
 
-`wait(key)` returns the runner pinned for the caller (who must `cache.unpin` it). A key loading on the
+`wait(key)` returns the runner and a "use" lease for the caller (who must `release()` it). A key loading on the
 thread is waited for; a background load that fails re-raises its own `ExpertLoadError` in the waiter,
 or in the next `wait` for that key if nobody was waiting yet (a new `request` retries); a key merely
 queued, or not requested at all, is loaded on the caller's own thread (a demand load). Why there and
@@ -45,7 +47,7 @@ from edgemoe.keys import ExpertKey
 from edgemoe.offload.errors import OffloadError, OffloadTimeout
 
 if TYPE_CHECKING:
-    from edgemoe.offload.cache import ExpertCache
+    from edgemoe.offload.cache import ExpertCache, Lease
     from edgemoe.offload.protocols import ExpertRunner, ExpertStore
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ class PrefetchStats:
     prefetched: int  # loads completed by the background thread
     demand_loads: int  # loads done on a waiting caller's thread
     dropped_stale: int  # requests whose step had passed
-    dropped_no_room: int  # requests the cache had no unpinned room for
+    dropped_no_room: int  # requests the cache had no unleased room for
     failed: int  # loads that raised (either thread)
     wait_seconds: float  # time callers spent in wait(), their own demand loads included
     load_seconds: float  # background load time
@@ -92,7 +94,7 @@ class Prefetcher:
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._jobs: dict[ExpertKey, _Job] = {}  # queued or loading (on either thread)
-        self._held: dict[ExpertKey, int | None] = {}  # urgent loads pinned until wait() takes them
+        self._held: dict[ExpertKey, "Lease"] = {}  # urgent loads, held until wait() takes them
         self._failed: dict[ExpertKey, BaseException] = {}  # background failures not yet reported
         self._busy: set[_Job] = set()  # the background threads' current jobs
         self._step = 0
@@ -157,10 +159,9 @@ class Prefetcher:
                 job = self._jobs.get(key)
                 if job is not None:
                     job.urgent = False
-            held = [k for k in keys if k in self._held]
-            for key in held:
-                del self._held[key]
-            self.cache.unpin(held)
+                hold = self._held.pop(key, None)
+                if hold is not None:
+                    hold.release()
 
     def advance(self, step: int) -> None:
         """Decoding reached `step`: drop requests and release holds for earlier steps."""
@@ -175,16 +176,16 @@ class Prefetcher:
         return step is not None and step < self._step
 
     def _release_holds(self, which: Callable[[int | None], bool]) -> int:
-        keys = [k for k, s in self._held.items() if which(s)]
+        keys = [k for k, hold in self._held.items() if which(hold.until_step)]
         for key in keys:
-            del self._held[key]
-        self.cache.unpin(keys)
+            self._held.pop(key).release()
         return len(keys)
 
     # --- waiting -------------------------------------------------------------------------------
 
-    def wait(self, key: ExpertKey, timeout: float | None = None) -> "ExpertRunner":
-        """The runner for `key`, pinned for the caller; loads it here if nobody is (module docstring)."""
+    def wait(self, key: ExpertKey, timeout: float | None = None) -> tuple["ExpertRunner", "Lease"]:
+        """The runner for `key` and a use lease on it for the caller; loads it here if nobody is (module
+        docstring)."""
         start = self._clock()
         try:
             return self._wait(key, self.wait_timeout if timeout is None else timeout)
@@ -192,7 +193,7 @@ class Prefetcher:
             with self._cond:
                 self._wait_seconds += self._clock() - start
 
-    def _wait(self, key: ExpertKey, timeout: float | None) -> "ExpertRunner":
+    def _wait(self, key: ExpertKey, timeout: float | None) -> tuple["ExpertRunner", "Lease"]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._cond:
@@ -206,9 +207,9 @@ class Prefetcher:
                 if job is None and key in self._failed:  # failed in the background before anyone waited
                     raise self._failed.pop(key)
                 if job is None:
-                    runner = self._take(key)
-                    if runner is not None:
-                        return runner
+                    taken = self._take(key)
+                    if taken is not None:
+                        return taken
                     job = self._jobs[key] = _Job(key, None, True, state="loading")
                     break
             if not job.done.wait(_remaining(deadline)):
@@ -219,20 +220,19 @@ class Prefetcher:
                 raise job.error
         return self._demand_load(job, deadline)
 
-    def _take(self, key: ExpertKey) -> "ExpertRunner | None":
-        """The resident runner pinned once for the caller (a held pin is handed over, not doubled)."""
-        runner = self.cache.acquire(key, count=False)
-        if runner is not None and key in self._held:
-            del self._held[key]
-            self.cache.unpin([key])
-        return runner
+    def _take(self, key: ExpertKey) -> tuple["ExpertRunner", "Lease"] | None:
+        """The resident runner under a use lease for the caller, which replaces its hold (if any)."""
+        taken = self.cache.acquire(key, count=False)
+        if taken is not None and key in self._held:
+            self._held.pop(key).release()
+        return taken
 
-    def _demand_load(self, job: _Job, deadline: float | None) -> "ExpertRunner":
+    def _demand_load(self, job: _Job, deadline: float | None) -> tuple["ExpertRunner", "Lease"]:
         try:
             self._reserve_for_demand(job.key, deadline)
             try:
                 runner = self.store.load(job.key)
-                self.cache.put(job.key, runner, pin=True)
+                lease = self.cache.put(job.key, runner, lease="use")
             except BaseException:
                 self.cache.cancel(job.key)
                 raise
@@ -242,14 +242,15 @@ class Prefetcher:
             raise
         with self._cond:
             self._finish(job, "done", counter="demand_loads")
-        return runner
+        assert lease is not None
+        return runner, lease
 
     def _reserve_for_demand(self, key: ExpertKey, deadline: float | None) -> None:
         nbytes = self.store.size_of(key)
         while not self.cache.reserve(key, nbytes):
             with self._cond:
-                if self._release_holds(lambda s: True):
-                    log.debug("released prefetched experts to make room for %s", key)
+                if self._release_holds(lambda step: True):
+                    log.debug("released held experts to make room for %s", key)
                     continue
                 if any(j.state == "loading" and j.key != key for j in self._jobs.values()):
                     if not self._cond.wait(_remaining(deadline)):  # that load will end and free its pin
@@ -305,21 +306,22 @@ class Prefetcher:
                 self.cache.cancel(job.key)
                 self._finish(job, "dropped")
                 return
-            # A load that arrives after its step is still kept (unpinned): it is paid for, and the policy
-            # decides whether it stays. Pinned before it becomes visible, so no eviction slips in between.
-            if job.urgent and not self._is_stale(job.step):
-                self.cache.pin([job.key])
-                self._held[job.key] = job.step
-            elif not job.urgent:
+            # A load that arrives after its step is still kept (unleased): it is paid for, and the policy
+            # decides whether it stays. A hold is taken by the put itself, so no eviction slips in between.
+            hold = job.urgent and not self._is_stale(job.step)
+            if not job.urgent:
                 self._fresh.add(job.key)
         try:
-            self.cache.put(job.key, runner)
-        except Exception as exc:  # it grew past its reservation and everything else is pinned
-            with self._cond:
-                if self._held.pop(job.key, "absent") != "absent":
-                    self.cache.unpin([job.key])
+            lease = self.cache.put(job.key, runner, lease="hold" if hold else None, until_step=job.step)
+        except Exception as exc:  # it grew past its reservation and everything else is leased
             self._end(job, "failed", exc, counter="failed")
             return
+        if lease is not None:
+            with self._cond:  # waiters wait for `done`, set below: none can look for the hold before this
+                if self._closed or not job.urgent:  # closed, or `release`d by its caller meanwhile
+                    lease.release()
+                else:
+                    self._held[job.key] = lease
         self._end(job, "done", counter="prefetched")
 
     def _end(self, job: _Job, state: str, error: BaseException | None = None, counter: str | None = None) -> None:
@@ -345,7 +347,7 @@ class Prefetcher:
             self._closed = True
             while self._queue:
                 self._finish(self._queue.popleft(), "dropped")
-            self._release_holds(lambda s: True)
+            self._release_holds(lambda step: True)
             self._cond.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self._threads:

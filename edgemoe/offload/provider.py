@@ -3,9 +3,9 @@
 Contract: `experts(layer, needed)` yields `(ExpertKey, ExpertRunner)` once for each distinct expert in
 `needed`, resident experts first while misses load (mixtral-offloading's `unordered=True`), so the
 caller must combine outputs in an order of its own (the runtime sums in ascending expert order).
-Each runner is valid until the caller asks for the next one: the provider pins it while it is out
-and unpins it when the caller moves on (or abandons the generator), which is what lets a cache of
-exactly one expert run a top-2 layer: load, run, evict, load, run. Callers must therefore run each
+Each runner is valid until the caller asks for the next one: the provider holds a use lease on it
+while it is out and releases it when the caller moves on (or abandons the generator), which is what
+lets a cache of exactly one expert run a top-2 layer: load, run, evict, load, run. Callers must therefore run each
 expert as they receive it, never collect them all first. `hint(layer, predicted)` asks for a future
 layer's experts to be paged in; `stats()` reports; `close()` releases everything. One caller thread.
 
@@ -37,7 +37,7 @@ from edgemoe.offload.protocols import ExpertRunner, ExpertStore
 
 if TYPE_CHECKING:
     from edgemoe.bundle import Bundle
-    from edgemoe.offload.cache import CacheStats, ExpertCache
+    from edgemoe.offload.cache import CacheStats, ExpertCache, Lease
     from edgemoe.offload.predictor import ExpertPredictor
     from edgemoe.offload.prefetcher import PrefetchStats, Prefetcher
     from edgemoe.offload.store import StoreStats
@@ -117,7 +117,7 @@ class OffloadingProvider:
         self._step = 0
         self._calls = 0
         self._hinted: dict[int, set[int]] = {}  # layer -> experts hinted for its next visit
-        self._guard: list[ExpertKey] = []  # the upcoming layer's residents, pinned while hints load
+        self._guard: "Lease | None" = None  # the upcoming layer's residents, leased while hints load
         self.predictions = PredictionStats()
         self._in_time = 0  # hits served by a hint's load, at first use (single caller thread)
 
@@ -127,40 +127,38 @@ class OffloadingProvider:
         keys = _distinct(layer, needed)
         self._enter(layer, [k.expert for k in keys])
         hits, misses = self._split(keys)
-        pinned, delivered = [k for k, _ in hits], 0
+        leases, delivered = [lease for _, _, lease in hits], 0
         try:
-            self._drop_guard()  # this layer's hits are pinned now; the rest may make room
+            self._drop_guard()  # this layer's hits are leased now; the rest may make room
             self.prefetcher.request(misses, self._step, urgent=True)
             self._predict(layer, None)  # table predictors hint the next layer while this one runs
-            for key, runner in hits:
+            # Each lease ends as the caller moves on: then the expert may be evicted (a one-expert cache
+            # needs that).
+            for key, runner, lease in hits:
                 yield key, runner
-                self._release(pinned, key)
+                lease.release()
             for key in misses:
-                runner = self.prefetcher.wait(key)  # pinned for us: a prefetched hold, or our own load
-                pinned.append(key)
+                runner, lease = self.prefetcher.wait(key)  # a prefetched hold handed over, or our own load
+                leases.append(lease)
                 yield key, runner
-                self._release(pinned, key)
+                lease.release()
                 delivered += 1
-        finally:  # the caller stopped early or a load failed: nothing of this call stays pinned
-            self.cache.unpin(pinned)
+        finally:  # the caller stopped early or a load failed: nothing of this call stays leased
+            for lease in leases:
+                lease.release()
             self.prefetcher.release(misses[delivered:])
 
-    def _split(self, keys: list[ExpertKey]) -> tuple[list[tuple[ExpertKey, ExpertRunner]], list[ExpertKey]]:
-        """(resident experts, pinned; missing keys): each lookup counts one hit or miss."""
+    def _split(self, keys: list[ExpertKey]) -> tuple[list[tuple[ExpertKey, ExpertRunner, "Lease"]], list[ExpertKey]]:
+        """(resident experts, leased; missing keys): each lookup counts one hit or miss."""
         hits, misses = [], []
         for key in keys:
-            runner = self.cache.acquire(key)
-            if runner is None:
+            taken = self.cache.acquire(key)
+            if taken is None:
                 misses.append(key)
             else:
-                hits.append((key, runner))
+                hits.append((key, *taken))
                 self._in_time += self.prefetcher.take_fresh(key)
         return hits, misses
-
-    def _release(self, pinned: list[ExpertKey], key: ExpertKey) -> None:
-        """The caller moved past `key`: it may be evicted now (a one-expert cache needs that)."""
-        pinned.remove(key)
-        self.cache.unpin([key])
 
     def _enter(self, layer: int, needed: list[int]) -> None:
         """Advance the decoding position to `layer`, and score and learn from what it needs."""
@@ -202,15 +200,17 @@ class OffloadingProvider:
         The runtime hints layer L+1 before asking for layer L's experts; under LRU, L's residents are
         the oldest entries and the hint's loads would evict them a moment before they are needed.
         """
-        if self._guard:
+        if self._guard is not None:
             return
         upcoming = self.moe_layers[(self._index.get(self._layer, -1) + 1) % len(self.moe_layers)]
-        self._guard = [k for k in self.cache.resident() if k.layer == upcoming]
-        self.cache.pin(self._guard)
+        residents = [k for k in self.cache.resident() if k.layer == upcoming]
+        if residents:  # none yet: look again at the next hint
+            self._guard = self.cache.lease(residents, "guard")
 
     def _drop_guard(self) -> None:
-        guard, self._guard = self._guard, []
-        self.cache.unpin(guard)
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.release()
 
     def predict_from(self, layer: int, hidden: np.ndarray) -> dict[int, tuple[int, ...]]:
         """Hint what the predictor guesses from the hidden state entering `layer` (RouterPredictor)."""

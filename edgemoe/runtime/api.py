@@ -90,7 +90,7 @@ class ChatSession:
         self._prepare_progress = prepare_progress  # experts packed for this CPU on a first run
         # Experts are hashed on first use; the ledger remembers them across runs (a cold start re-hashes
         # only files that changed since, which used to cost 1.4-3 s of time to first token).
-        self.bundle = Bundle.open(bundle_path, ledger=HashLedger.for_directory(cache_root() / "verified", bundle_path))
+        self.bundle = Bundle.open(bundle_path, ledger=HashLedger.for_directory(bundle_path))
         manifest = self.bundle.manifest
         self.config = manifest.model_config()
         self.family = manifest.tokenizer.get("family", self.config.family)
