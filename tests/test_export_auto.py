@@ -124,6 +124,59 @@ def test_size_budget_is_met_with_the_least_lowering(ckpt, graphs, tmp_path: Path
     assert set(result.expert_counts()) == {"int8", "int4"}
 
 
+def test_local_sensitivity_is_each_experts_weighted_error_over_its_layers_output(ckpt, tokenizer, graphs) -> None:
+    """Recomputed here from the reference components for the first MoE layer, whose input is the
+    embeddings (tiny StableLM: MoE on layers 0 and 2): every expert's routed tokens, weights and the
+    layer's output energy over all samples."""
+    import torch
+
+    from edgemoe.export import components
+
+    samples = _samples(ckpt, tokenizer, False)
+    ev = ExpertEvaluator(ckpt, samples, graphs, vocab_rows=len(tokenizer),
+                         local_levels=[Precision.INT8, Precision.INT4]).prepare()
+    first = min(ckpt.config.moe.layers)
+    assert first == 0 and set(ev.local) == set(expert_keys(ckpt))  # every expert got tokens here
+    experts = ckpt.config.moe.experts_in(first)
+    layer = components.decoder_layer(ckpt, first, experts=list(range(experts)))
+    with torch.inference_mode():
+        blocks = [layer.attention_block(torch.from_numpy(s.embeds)[None], torch.arange(s.embeds.shape[0])[None])
+                  for s in samples]
+        h, m = torch.cat([b[0][0] for b in blocks]), torch.cat([b[1][0] for b in blocks])
+        routing = layer.moe.route(m)
+        moe_out, errors = torch.zeros_like(m), {}
+        for e in range(experts):
+            token, slot = routing.tokens_of(e)
+            w = routing.weights[token, slot, None]
+            y = layer.moe.experts[e](m[token])
+            moe_out.index_add_(0, token, y * w)
+            for p in (Precision.INT8, Precision.INT4):
+                yq = torch.from_numpy(graphs.session(ExpertKey(first, e), p).run(None, {"x": m[token].numpy()})[0])
+                errors[ExpertKey(first, e), p] = float((w * (yq - y)).double().square().sum())
+        energy = float((h + moe_out).double().square().sum())
+    for (key, p), err in errors.items():
+        assert ev.local[key][p] == pytest.approx(err / energy, rel=1e-4), (key, p)
+    assert all(ev.local[key][Precision.INT4] > ev.local[key][Precision.INT8] > 0 for key in ev.local)
+
+
+def test_many_experts_rank_by_local_sensitivity_and_still_meet_the_budget(ckpt, monkeypatch,
+                                                                          tmp_path: Path) -> None:
+    """Above MODEL_SENSITIVITY_MAX experts no evaluation is spent on sensitivities; every assignment kept
+    is still measured on the whole model."""
+    from edgemoe.export import auto as auto_module
+
+    monkeypatch.setattr(auto_module, "MODEL_SENSITIVITY_MAX", 0)  # treat 8 experts as many
+    result = pipeline.export_bundle(ckpt.directory, tmp_path / "b",
+                                    ExportOptions(precision="auto", accuracy_budget=BUDGET))
+    record = result.manifest.policy["auto"]
+    experts = len(expert_keys(ckpt))
+    assert record["sensitivity_measure"].startswith("local")
+    assert set(record["sensitivity"]) == {str(k) for k in expert_keys(ckpt)}
+    # baseline + per level (int8, int4) an all-experts try and a binary search over 8: no per-expert runs
+    assert result.policy.evaluations == record["evaluations"] <= 1 + 2 * (2 + 3) < 1 + experts + 2 * (2 + 3)
+    assert BUDGET.allows(result.policy.error) and len(result.expert_counts()) >= 1
+
+
 def test_held_out_data_differs_from_calibration(ckpt, tokenizer) -> None:
     cal = calibration_set(tokenizer, "stablelm", ckpt.tower.processor)
     held = calibration_set(tokenizer, "stablelm", ckpt.tower.processor, held_out=True)

@@ -66,6 +66,19 @@ def test_auto_mixes_precisions_within_accuracy_budget() -> None:
     assert all(s.accuracy_level == 4 for s in result.assignment.values())
 
 
+def test_supplied_sensitivities_order_the_experts_and_cost_no_evaluations() -> None:
+    evaluate = additive()
+    proxy = {k: {INT4: 10 * INT4_COST[k]} for k in KEYS[1:]}  # same order, another scale; KEYS[0] unmeasured
+    result = auto(KEYS, LEVELS, evaluate, size_of, sensitivity=proxy)
+    # 1 baseline + 1 (all to int8) + 1 (all to int4: fails) + 3 (binary search in 0..8): no sensitivity runs
+    assert result.evaluations == 6 == len(evaluate.seen)
+    # KEYS[0] (cost 0.006) has no supplied sensitivity, so it lowers first, as a measured 0 would
+    first = [KEYS[0]] + [k for k in LEAST_SENSITIVE if k != KEYS[0]]
+    lowered = {k for k, p in result.precisions.items() if p is INT4}
+    assert lowered == set(first[:len(lowered)]) and AccuracyBudget().allows(result.error)
+    assert result.error.mean_kl == pytest.approx(evaluate(result.precisions).mean_kl)  # measured, not assumed
+
+
 def test_auto_keeps_an_expert_too_sensitive_even_for_int8_at_fp32() -> None:
     fragile = LEAST_SENSITIVE[-1]
     result = auto(KEYS, LEVELS, additive({**INT8_COST, fragile: 0.05}, {**INT4_COST, fragile: 1.0}), size_of)

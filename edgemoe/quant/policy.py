@@ -13,6 +13,8 @@ Method (evaluate() calls in brackets; E experts, m lowering levels):
   0. the all-highest assignment must be within budget                                   [1]
   1. sensitivity of each expert = budget usage (metrics.AccuracyBudget.usage) with that expert
      alone at the lowest level (every level with per_level=True)                       [E, or m*E]
+     or, when the caller supplies `sensitivity` (a cheaper proxy it measured, e.g. the evaluator's
+     local error), that: only the order of experts depends on it                       [0]
   2. level by level, lower a prefix of the least sensitive experts still at the level above;
      binary search (EdgeMoE's) for the longest prefix whose *whole* assignment stays in budget,
      trying "all of them" first because int8 usually passes for every expert      [<= 1 + ceil(log2 E)]
@@ -117,6 +119,17 @@ def _sensitivities(ev: _Evaluator, keys: list[ExpertKey], levels: list[Precision
     return {k: {p: ev.budget.usage(ev.error({**top, k: p})) for p in measured} for k in keys}
 
 
+def _supplied(sensitivity: Mapping[ExpertKey, Mapping[Precision, float]], keys: list[ExpertKey],
+              levels: list[Precision]) -> dict[ExpertKey, dict[Precision, float]]:
+    """The caller's sensitivities for every lowering level; an expert it has none for (no calibration
+    token reached it) lowers first, as a measured sensitivity of zero would have it."""
+    out = {k: {Precision.parse(p): float(v) for p, v in sensitivity.get(k, {}).items()} for k in keys}
+    for k in keys:
+        for level in levels[1:]:
+            out[k].setdefault(level, 0.0)
+    return out
+
+
 def _order(keys: list[ExpertKey], sens: Mapping[ExpertKey, Mapping[Precision, float]],
            level: Precision, lowest: Precision) -> list[ExpertKey]:
     """Least sensitive first, by this level's sensitivity if measured, else the lowest level's."""
@@ -161,6 +174,7 @@ def auto(
     target: str = "cpu",
     per_level: bool = False,
     schemes: Mapping[Precision, Scheme] | None = None,
+    sensitivity: Mapping[ExpertKey, Mapping[Precision, float]] | None = None,
 ) -> PolicyResult:
     """EdgeMoE's per-expert precision selection over several levels (see module docstring).
 
@@ -177,7 +191,12 @@ def auto(
         raise QuantError(f"every expert at {levels[0].value} already misses the accuracy budget {budget}: {base}")
     # With a size budget, stop lowering as soon as it is met; without one, lower all the budget allows.
     done = size_budget is not None and _size(assignment, size_of) <= size_budget
-    sens = {} if done or len(levels) == 1 else _sensitivities(ev, keys, levels, per_level)
+    if done or len(levels) == 1:
+        sens: Mapping[ExpertKey, Mapping[Precision, float]] = {}
+    elif sensitivity is not None:
+        sens = _supplied(sensitivity, keys, levels)
+    else:
+        sens = _sensitivities(ev, keys, levels, per_level)
     for upper, level in zip(levels, levels[1:]):
         if done:
             break
