@@ -36,8 +36,11 @@ def random_routers(seed: int = 0, experts: int = 4, hidden: int = 32) -> dict[in
 
 
 def numpy_top_k(hidden: np.ndarray, router: np.ndarray, k: int) -> tuple[int, ...]:
-    """Direct top-k of the logits (softmax is monotonic), union over tokens."""
+    """Direct top-k of the logits (softmax is monotonic): one token's best first, a union over many
+    tokens ascending."""
     logits = np.atleast_2d(hidden).astype(np.float64) @ router.T.astype(np.float64)
+    if logits.shape[0] == 1:
+        return tuple(int(e) for e in np.argsort(-logits[0], kind="stable")[:k])
     return tuple(sorted({int(e) for row in logits for e in np.argsort(row)[-k:]}))
 
 

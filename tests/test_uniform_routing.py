@@ -82,13 +82,21 @@ def test_uniform_routing_answers_alike_at_every_budget_and_defeats_the_predictor
 def test_the_hint_gate_closes_near_chance_and_reopens_when_guesses_improve() -> None:
     gate = HintGate(floor=0.7, window=4)
     assert gate.open(3) and gate.precision(3) is None  # a layer starts open
-    for _ in range(6):
-        gate.record(3, (0, 1), (1, 2))  # half right: chance for top-2 of 4
-    assert not gate.open(3) and abs(gate.precision(3) - 0.5) < 1e-9
+    for i in range(6):  # each rank right every other time: chance for top-2 of 4
+        gate.record(3, (1, 2) if i % 2 else (0, 3), (1, 2))
+    assert not gate.open(3, 0) and not gate.open(3, 1) and 0.3 < gate.precision(3, 1) < 0.7
     assert gate.open(5)  # per layer
     for _ in range(6):
         gate.record(3, (1, 2), (1, 2))
-    assert gate.open(3)
+    assert gate.open(3, 0) and gate.open(3, 1)
+
+
+def test_the_hint_gate_keeps_a_layers_confident_ranks_open() -> None:
+    gate = HintGate(floor=0.9, window=4)
+    for i in range(8):  # the first guess always right, the second right one time in two
+        gate.record(3, (1, 2) if i % 2 else (1, 0), (1, 2))
+    assert gate.open(3, 0) and gate.precision(3, 0) == 1.0
+    assert not gate.open(3, 1) and gate.precision(3, 1) < 0.9
     with pytest.raises(Exception, match="floor"):
         HintGate(floor=1.5)
 

@@ -1,7 +1,9 @@
 """Routing predictors: which experts the next MoE layer(s) will need, guessed early enough to page them in.
 
 Contract: a predictor `observe(layer, chosen)`s the experts each MoE layer actually used and
-`predict(layer, hidden)` returns {target layer: experts, ascending} for layers after `layer`. It
+`predict(layer, hidden)` returns {target layer: experts} for layers after `layer`, most likely first
+(a guess's rank is what `HintGate` keys its precision by); a union over many tokens has no ranks and
+is ascending. It
 never touches the cache; the provider turns predictions into hints. `PredictionStats` scores any
 predictor (or hint) against what was then needed. `HintGate` decides per layer whether guesses are
 good enough to page in (below).
@@ -12,7 +14,8 @@ good enough to page in (below).
                        entering this one guesses its experts. The caller chooses which hidden state
                        to pass (the MLP input m, or the residual h). `lookahead` layers ahead, never
                        past the last MoE layer: the next token's hidden state does not exist yet.
-                       With many tokens (prefill) the guess is the union of the tokens' top-k.
+                       One token's guess is its top-k, best first; with many tokens (prefill)
+                       the guess is the union of the tokens' top-k, ascending.
   StatisticalPredictor EdgeMoE's table: counts of next-layer experts given the expert SETS chosen at
                        the two previous MoE layers (None where a token has no such layer yet),
                        learned online from observed routing and optionally seeded from calibration
@@ -87,7 +90,10 @@ class RouterPredictor:
         start = self.order.index(layer)
         targets = self.order.layers[start + 1:start + 1 + self.lookahead]
         x = np.atleast_2d(np.asarray(hidden, np.float32))
-        return {t: select(x @ self.routers[t].T, self.rule, self.biases.get(t)).needed() for t in targets}
+        routings = {t: select(x @ self.routers[t].T, self.rule, self.biases.get(t)) for t in targets}
+        if x.shape[0] == 1:  # one token: its experts best first (their ranks)
+            return {t: tuple(int(e) for e in r.experts[0]) for t, r in routings.items()}
+        return {t: r.needed() for t, r in routings.items()}
 
 
 class StatisticalPredictor:
@@ -156,7 +162,7 @@ class StatisticalPredictor:
                 target, context = self.order.layers[0], (None, None)
         probs = self.probabilities(target, context)
         best = np.argsort(-probs, kind="stable")[:self.top_n]
-        chosen = tuple(sorted(int(e) for e in best if probs[e] > 0 and probs[e] >= self.min_probability))
+        chosen = tuple(int(e) for e in best if probs[e] > 0 and probs[e] >= self.min_probability)  # best first
         return {target: chosen} if chosen else {}
 
 
@@ -233,8 +239,9 @@ HINT_WINDOW = 16  # scored guesses the running precision mostly remembers
 
 
 class HintGate:
-    """Whether a MoE layer's guesses are worth paging in: its running precision (an exponential average
-    over about its last `window` scored guesses; a layer starts open) against `floor`.
+    """Whether a MoE layer's guesses are worth paging in, rank by rank: the running precision of the
+    layer's first guesses, of its second, ... (an exponential average over about the last `window`
+    scored guesses of that rank; each starts open) against `floor`.
 
     Why: a right hint only hides a read the layer would make anyway; a wrong one reads an expert nobody
     uses and evicts one that might be used. Near chance (routing no predictor can follow: K/E, 0.5 for
@@ -242,29 +249,30 @@ class HintGate:
     uniform routing: 1.5-1.6x a static cache of the same size). So a closed layer's guesses are still
     made and scored, to reopen the gate when they improve, but not sent. The floor sits between chance
     for the families here (0.09-0.5) and what the router trick scores on routing it can follow (0.9).
+
+    Why by rank: a layer's best guess is right far more often than its last (StableLM at full size,
+    model routing: 0.984 for the first of two, 0.878 for the second, measured), and every wrong guess
+    costs disk bytes while a right one saves only time. A floor between the two (`--hint-floor 0.9`)
+    pages in only the confident guesses: fewer bytes, less overlap.
     """
 
     def __init__(self, floor: float = HINT_FLOOR, window: int = HINT_WINDOW) -> None:
         if not 0.0 <= floor <= 1.0 or window < 1:
             raise OffloadError(f"a hint gate needs a floor in [0, 1] and a window >= 1, got {floor}, {window}")
         self.floor, self._alpha = floor, 1.0 / window
-        self._precision: dict[int, float] = {}
+        self._precision: dict[tuple[int, int], float] = {}
 
-    def record(self, layer: int, hinted: Iterable[int], needed: Iterable[int]) -> None:
-        guess = set(hinted)
-        if guess:
-            self.update(layer, len(guess & set(needed)) / len(guess))
+    def record(self, layer: int, hinted: Sequence[int], needed: Iterable[int]) -> None:
+        """Score a guess (best first) against what the layer then used, rank by rank."""
+        used = set(needed)
+        for rank, expert in enumerate(hinted):
+            key, hit = (layer, rank), float(expert in used)
+            was = self._precision.get(key)
+            self._precision[key] = hit if was is None else was + self._alpha * (hit - was)
 
-    def update(self, layer: int, hit: float | None) -> None:
-        """Fold one scored guess's precision (`PredictionStats.record`'s result; None: no guess) in."""
-        if hit is None:
-            return
-        was = self._precision.get(layer)
-        self._precision[layer] = hit if was is None else was + self._alpha * (hit - was)
+    def open(self, layer: int, rank: int = 0) -> bool:
+        return self._precision.get((layer, rank), 1.0) >= self.floor
 
-    def open(self, layer: int) -> bool:
-        return self._precision.get(layer, 1.0) >= self.floor
-
-    def precision(self, layer: int) -> float | None:
-        """The layer's running precision (None before its first scored guess)."""
-        return self._precision.get(layer)
+    def precision(self, layer: int, rank: int = 0) -> float | None:
+        """The running precision of the layer's guesses of that rank (None before the first is scored)."""
+        return self._precision.get((layer, rank))

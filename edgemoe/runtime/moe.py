@@ -15,8 +15,8 @@ The hint goes out once the provider has delivered the first expert, i.e. after i
 layer's resident experts and queued its misses, so a guess can never evict what this layer needs.
 The guess is `edgemoe.offload.predictor.RouterPredictor` by default (any `ExpertPredictor` fits);
 `predictions` (a `PredictionStats`) scores every guess against what that layer then needs, and a
-`HintGate` withholds the guesses of a layer whose running precision is near chance (they are still
-scored, so the gate reopens when they improve).
+`HintGate` withholds a layer's guesses of each rank (first, second, ...) whose running precision is
+below the floor (they are still scored, so the gate reopens when they improve).
 
 Shape legend: N tokens, H hidden, E experts, K experts per token.
 """
@@ -54,7 +54,9 @@ class MoELayer:
         self.moe_layers = tuple(sorted(moe_layers))
         self.predictor = predictor or RouterPredictor(routers.weights, self.moe_layers, top_k, rule=routers.rule,
                                                       biases=routers.biases, lookahead=lookahead)
-        self._hinted: dict[int, tuple[int, ...]] = {}  # layer -> experts hinted for its next call
+        # layer -> (experts guessed for its next call, whether best first: one token's guess has ranks,
+        # a prefill's union over many tokens has none and is not scored by the gate)
+        self._hinted: dict[int, tuple[tuple[int, ...], bool]] = {}
         self.predictions = PredictionStats()
         self.gate = HintGate(hint_floor)
         self.trace: RoutingTrace | None = None  # every call's routing, written down for replay (bench)
@@ -66,9 +68,12 @@ class MoELayer:
         if self.trace is not None:
             self.trace.record(layer, routing)
         needed = routing.needed()
-        hinted = self._hinted.pop(layer, None)
-        if hinted is not None:
-            self.gate.update(layer, self.predictions.record(hinted, needed))  # one scoring serves both
+        guessed = self._hinted.pop(layer, None)
+        if guessed is not None:
+            hinted, ranked = guessed
+            self.predictions.record(hinted, needed)
+            if ranked:
+                self.gate.record(layer, hinted, needed)
         self.predictor.observe(layer, needed)
         run_layer = getattr(self.provider, "run_layer", None)
         if run_layer is not None:  # fused experts: the whole layer in one call, nothing to page
@@ -81,12 +86,14 @@ class MoELayer:
     def _hint_next(self, layer: int, m: np.ndarray) -> None:
         if not self.prefetch:
             return
+        ranked = m.shape[0] == 1
         for target, guess in self.predictor.predict(layer, m).items():
-            self._hinted[target] = guess
-            if self.gate.open(target):
-                self.provider.hint(target, guess)
-            else:
-                self.predictions.withhold(len(guess))
+            self._hinted[target] = guess, ranked
+            admitted = tuple(e for rank, e in enumerate(guess) if self.gate.open(target, rank if ranked else 0))
+            if admitted:
+                self.provider.hint(target, admitted)
+            if len(admitted) < len(guess):
+                self.predictions.withhold(len(guess) - len(admitted))
 
     def _run_experts(self, layer: int, needed: tuple[int, ...], routing: Routing,
                      m: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
