@@ -61,8 +61,9 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
     "loaders": Flag(int, DEFAULT_LOADERS, "--loaders", "Background threads paging experts in under a budget "
                                                        "(several keep several disk reads in flight)."),
     "hint_floor": Flag(float, HINT_FLOOR, "--hint-floor", "Page a MoE layer's predicted experts in only while its "
-                                                   "running prediction precision is at least this (0: always; "
-                                                   "guesses near chance read more than they save)."),
+                                                   "guesses of that rank (first, second, ...) have been right at "
+                                                   "least this often (0: always; 0.9: the confident ones; 1.0: "
+                                                   "never; wrong guesses read bytes nobody uses)."),
     "routing_trace": Flag(Optional[str], None, "--routing-trace", "Write every MoE layer call's routing to this "
                                                                   "file (JSON lines), for bench/routing_replay.py."),
     "prompt_cache": Flag(bool, False, "--prompt-cache", "Keep each image's features and prompt prefix (its KV "

@@ -57,7 +57,7 @@ class GenerationStats:
     prefetched_in_time: int = 0  # of cache_hits: experts a hint loaded before the layer asked (first use)
     prefetched_late: int = 0  # of cache_misses: hinted experts still loading when the layer asked
     decode_disk_read_bytes: int | None = None  # those read after the first token
-    hints_withheld: int = 0  # guessed experts not paged in: their layer's guesses were near chance (HintGate)
+    hints_withheld: int = 0  # guessed experts not paged in: their rank's precision was below the floor (HintGate)
     routing: str = "model"  # "uniform": the benchmark mode (runtime.routing), not the model's answers
 
     @property
