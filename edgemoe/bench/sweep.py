@@ -9,8 +9,8 @@ paged bytes per token the run itself reported, over the page cache: the prefill 
 expert). With `cold` (the default) the bundle's pages (and this machine's prepacked expert graphs,
 prepared once before the first run, which also records the experts' hashes in the ledger every run
 reads) are evicted before each run, so every run reads the bundle from disk as a user's second and
-later runs do (neither packs nor hashes an unchanged expert again). Several `expert_stores` run side by side at every budget. With `options.peers`
-the peers run afterwards (`peers.run_peers`). A run that fails is recorded with its error and the
+later runs do (neither packs nor hashes an unchanged expert again). Several `expert_stores` run side
+by side at every budget. With `options.peers` the peers run afterwards (`peers.run_peers`). A run that fails is recorded with its error and the
 sweep goes on. Progress: `progress(phase, done, total, label)`, one step per probe, run and peer.
 The library never prints.
 """

@@ -8,7 +8,8 @@ remembers what it hashed, keyed by the file's (size, mtime, inode), so asking ag
 unless the file changed or `recheck=True`; given a `HashLedger`, it also remembers across processes
 (a later run hashes only what changed since: `edgemoe.bundle.ledger`). Every failure is a one-line
 `BundleError` naming the path: not a directory, not a bundle, bad JSON, a newer schema, a missing
-file, a wrong size, a bad sha256. Verifying a graph also verifies its external-data file. Nothing here imports onnx or onnxruntime.
+file, a wrong size, a bad sha256. Verifying a graph also verifies its external-data file. Nothing
+here imports onnx or onnxruntime.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from edgemoe.bundle.entries import MANIFEST_NAME, BundleError, FileEntry
 from edgemoe.bundle.hashing import sha256_file
-from edgemoe.bundle.ledger import HashLedger
+from edgemoe.bundle.ledger import HashLedger, Identity, file_identity
 from edgemoe.bundle.manifest import Manifest
 from edgemoe.keys import ExpertKey
 from edgemoe.page_cache import drop_cached
@@ -39,7 +40,7 @@ class Bundle:
         self.root = root
         self.manifest = manifest
         self.ledger = ledger  # hashes remembered across processes (None: this process only)
-        self._verified: dict[str, tuple[int, int, int, int]] = {}  # path -> stat identity when hashed
+        self._verified: dict[str, Identity] = {}  # path -> stat identity when hashed
         self._lock = threading.Lock()  # the runtime verifies from a paging thread
         self.hash_seconds = 0.0  # time spent hashing files (a TTFT component on a first touch)
 
@@ -101,7 +102,7 @@ class Bundle:
                 continue
             self._check(e)
 
-    def _known(self, entry: FileEntry, identity: tuple[int, int, int, int]) -> bool:
+    def _known(self, entry: FileEntry, identity: Identity) -> bool:
         """Whether this file, as it stands (`identity`), was hashed to the manifest's digest: by this
         process, or by an earlier one according to the ledger (then remembered here too)."""
         if self._verified.get(entry.path) == identity:
@@ -132,15 +133,15 @@ class Bundle:
         if self.ledger is not None:
             self.ledger.record(self.path_of(entry), before, digest)
 
-    def _stat(self, entry: FileEntry) -> tuple[int, int, int, int]:
+    def _stat(self, entry: FileEntry) -> Identity:
         """The file's identity; BundleError when it is missing or has the wrong size."""
         try:
-            st = os.stat(self.path_of(entry))
+            identity = file_identity(self.path_of(entry))
         except FileNotFoundError:
             raise BundleError(f"{entry.path} is listed in the manifest but missing from {self.root}") from None
-        if st.st_size != entry.size:
-            raise _size_error(entry, st.st_size)
-        return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+        if identity[0] != entry.size:
+            raise _size_error(entry, identity[0])
+        return identity
 
     def _with_data(self, entries: Iterable[FileEntry]) -> list[FileEntry]:
         """Entries plus the external-data files they need, each once, in order."""

@@ -11,7 +11,7 @@ from `advance(layer)`.
 
 Leases are the one way anything keeps an expert from eviction, whoever holds it: a MoE layer running
 an expert ("use", from `acquire` or a demand load's `put`), the prefetcher holding a current layer's
-miss for its waiter until a decoding step (a "hold", handed over to the waiter as it is), the
+miss for its waiter until a decoding step (a "hold", which the waiter's use lease replaces), the
 provider guarding the next layer's residents while hints for later layers load ("guard"). The cache
 owns them: `lease(keys, purpose)` takes one, `Lease.release()` gives it back (twice is harmless),
 `pinned()` and `leases()` say what is held and why, and a full cache's error names each holder.

@@ -14,10 +14,10 @@ reserved while loading, and once loaded they stay under a "hold" lease (`ExpertC
 protected only while loading (their reservation); afterwards the eviction policy protects them (they
 are recent and near).
 
-`wait(key)` returns the runner and a "use" lease for the caller (who must `release()` it). A key loading on the
-thread is waited for; a background load that fails re-raises its own `ExpertLoadError` in the waiter,
-or in the next `wait` for that key if nobody was waiting yet (a new `request` retries); a key merely
-queued, or not requested at all, is loaded on the caller's own thread (a demand load). Why there and
+`wait(key)` returns the runner and a "use" lease for the caller (who must `release()` it). A key
+loading on the thread is waited for; a background load that fails re-raises its own `ExpertLoadError`
+in the waiter, or in the next `wait` for that key if nobody was waiting yet (a new `request`
+retries); a key merely queued, or not requested at all, is loaded on the caller's own thread (a demand load). Why there and
 not at the head of the queue: the caller is blocked anyway, so its core is free; it never waits behind
 a different key's load already in progress; and ORT releases the GIL while building a session, so a
 demand load and a prefetch proceed in parallel. If the cache has no room for a demand load, it first

@@ -28,6 +28,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,11 @@ class PrepackedGraphs:
 
     def __init__(self, root: Path | None = None, signature: str | None = None) -> None:
         self.root = Path(root) if root is not None else cache_root() / "prepacked" / (signature or machine_signature())
-        self.ledger = HashLedger(self.root / "ledger.jsonl")
+
+    @cached_property
+    def ledger(self) -> HashLedger:
+        """The twins' record, read on first use (callers that only need paths never parse it)."""
+        return HashLedger(self.root / "ledger.jsonl")
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.onnx"
