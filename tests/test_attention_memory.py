@@ -1,5 +1,5 @@
-"""The attention graphs' memory behaviour at run time: an fp16 KV cache decodes without faulting in fresh
-memory on every call.
+"""The attention graphs at run time: an fp16 KV cache decodes without faulting in fresh memory on every
+call, and a decoded token's reused binding (runtime.attention_call) gives what a fresh binding gives.
 
 ORT's CPU GroupQueryAttention over an fp16 cache converts the cached keys and values to fp32 scratch on
 each call. From malloc, with the process's mmap threshold pinned at 128 KiB, that scratch is a fresh
@@ -40,3 +40,31 @@ def test_decoding_from_an_fp16_cache_reuses_its_scratch(tiny) -> None:
     per_call = (_faults() - before) / 20
     scratch_pages = CONTEXT * cache.layout.heads * cache.layout.dim * 8 // 4096
     assert per_call < scratch_pages / 10, f"{per_call:.1f} minor faults per call (scratch {scratch_pages} pages)"
+
+
+def _fresh_binding_step(trunk: Trunk, n: int, x: np.ndarray, cache) -> tuple[np.ndarray, np.ndarray]:
+    """One position through a binding built for this call alone (the prefill path with S = 1)."""
+    return trunk._attention_calls[n]._prefill(x, cache.length, (cache.ort_keys[n], cache.ort_values[n]))
+
+
+def test_the_reused_decode_binding_equals_a_fresh_one_and_follows_a_grown_cache(tiny) -> None:
+    trunk = Trunk.open(Bundle.open(tiny.bundle("stablelm", "int4")))
+    rng = np.random.default_rng(1)
+    prompt = rng.standard_normal((5, trunk.config.hidden_size)).astype(np.float32)
+    steps = rng.standard_normal((4, 1, trunk.config.hidden_size)).astype(np.float32)
+    caches = [trunk.new_cache(6), trunk.new_cache(6)]
+    for cache in caches:
+        trunk.attention(0, prompt, cache)
+        cache.advance(5)
+    for i, x in enumerate(steps):
+        if i == 1:  # grow both caches: new buffers, which the reused binding must follow
+            for cache in caches:
+                cache.reserve(16)
+        reused = trunk.attention(0, x, caches[0])
+        fresh = _fresh_binding_step(trunk, 0, x, caches[1])
+        for got, want in zip(reused, fresh):
+            np.testing.assert_array_equal(got, want)
+        for cache in caches:
+            cache.advance(1)
+        np.testing.assert_array_equal(caches[0].keys[0][:, :, :cache.length], caches[1].keys[0][:, :, :cache.length])
+    assert not np.array_equal(reused[0], trunk.attention(0, steps[0], caches[0])[0])  # inputs are read per call

@@ -97,7 +97,7 @@ def build_latent_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme
     qa = b.linear(normed, "attn.q_kv_a", np.concatenate([q_w, kv_a_w]), None)
     q, c_raw, pe_raw = b.op_multi("Split", [qa, b.ints("attn.qa_split", [nh * m.q_head_dim, r, p])],
                                   ["q", "c_raw", "pe_raw"], axis=-1)
-    cos, sin = rotary_tables(b, cfg, pos)
+    cos, sin = rotary_tables(b, cfg, pos, p, p)
     c = b.rms_norm(c_raw, "attn.kv_a_norm", take(w, "attn.kv_a_norm.weight"), cfg.norm_eps)
     k_pe = apply_rotary(b, _deinterleave(b, pe_raw, 1, p, "k_pe"), 1, p, p, cos, sin, "k_pe")
     key = b.op("Concat", [c, k_pe], "latent_key", axis=-1)  # [1, S, R+P]: what the cache stores

@@ -16,7 +16,8 @@ vision tower's session, which runs once per image; `encode_image` reopens it whe
 
 `attention` binds the layer's preallocated cache buffer as both past_key and present_key (and
 values) through IOBinding, so ORT writes the S new rows at positions length..length+S-1 and copies
-nothing (onnxruntime-notes.md: a past -> present graph otherwise copies the whole cache per token).
+nothing (onnxruntime-notes.md: a past -> present graph otherwise copies the whole cache per token);
+a decoded token reuses one binding per layer (`runtime.attention_call`).
 Attention sessions allocate from one shared arena (`offload.sessions.shared_arena_options`: an fp16
 cache's per-call scratch would otherwise fault in fresh memory every token), shrunk after each prefill.
 It does not advance the cache: the engine does, once every layer has written.
@@ -35,10 +36,11 @@ from edgemoe.model.config import ModelConfig
 from edgemoe.model.image import ImageInput
 from edgemoe.model.safetensors_io import SafetensorsFile
 from edgemoe.page_cache import drop_cached
+from edgemoe.runtime.attention_call import AttentionCall
 from edgemoe.runtime.embedding import MappedEmbedding
 from edgemoe.runtime.kv_cache import KVCache
 from edgemoe.runtime.sessions import (RuntimeGraphError, cache_dtype, one_line, session_options, shared_arena_options,
-                                     shrink_arena, trunk_session)
+                                     trunk_session)
 
 
 LAYOUT_FILE = "layout.safetensors"
@@ -81,6 +83,7 @@ class Trunk:
     embedding: MappedEmbedding | None = None  # the embed graph's table, mapped from the bundle
     reopen_vision: Callable[[], ort.InferenceSession] | None = None
     _load: Callable[[], None] | None = field(default=None, repr=False)
+    _attention_calls: dict[int, AttentionCall] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, bundle: Bundle, progress: Callable[[str], None] | None = None,
@@ -187,30 +190,10 @@ class Trunk:
 
     def attention(self, n: int, x: np.ndarray, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
         """x [S, H] at positions cache.length.. -> (h, m) [S, H]; writes rows into layer n's cache."""
-        s, start = x.shape[0], cache.length
-        total = start + s
-        if total > cache.capacity:
-            raise RuntimeGraphError(f"KV cache overflow: {total} positions > capacity {cache.capacity}")
-        sess = self.attn[n]
-        binding = sess.io_binding()
-        binding.bind_cpu_input("x", np.ascontiguousarray(x[None], np.float32))
-        binding.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64))
-        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
-        binding.bind_cpu_input("total_len", np.array(total, np.int32))
-        binding.bind_output("h", "cpu")
-        binding.bind_output("m", "cpu")
-        for past, present, value in (("past_key", "present_key", cache.ort_keys[n]),
-                                     ("past_value", "present_value", cache.ort_values[n])):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-        try:  # a prefill's scratch goes back to the OS; a decoded token's stays for the next one
-            sess.run_with_iobinding(binding, shrink_arena() if s > 1 else None)
-        except Exception as exc:
-            raise RuntimeGraphError(f"graph layer{n}.attn failed: {one_line(exc)}") from None
-        # Only h and m: copy_outputs_to_cpu() would also copy present_key/value, i.e. the whole KV
-        # cache, every call (measured 2.2 ms per layer per token at 256 positions, 7 ms at 4096).
-        h, m = binding.get_outputs()[:2]
-        return h.numpy()[0], m.numpy()[0]
+        call = self._attention_calls.get(n)
+        if call is None or call.session is not self.attn[n]:
+            call = self._attention_calls[n] = AttentionCall(self.attn[n], f"layer{n}.attn")
+        return call(n, x, cache)
 
     def dense_mlp(self, n: int, m: np.ndarray) -> np.ndarray:
         return _run(self.mlp[n], f"layer{n}.mlp", {"x": np.ascontiguousarray(m)})[0]
