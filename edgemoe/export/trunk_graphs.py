@@ -23,7 +23,9 @@ applies NeoX half-split rotary itself on the first `rotary_dim` dims of every he
 the reference computes it, so partial rotary (StableLM 16/64, Phi 32/80) is exact. past_key and
 present_key have the same shape so the runtime can bind ONE preallocated buffer to both (IOBinding):
 ORT then writes the S new keys at rows total_len - S .. total_len - 1 in place and copies nothing.
-q, k and v are one fused MatMul (one activation quantization, one kernel), split after.
+q, k and v are one fused MatMul (one activation quantization, one kernel), split after; the query's
+and key's heads rotate together in one pass (`apply_rotary`: a Gather and two Mul, not a split, four
+Mul and a concat per tensor), which keeps the graph's small ops to a few per layer.
 """
 
 from __future__ import annotations
