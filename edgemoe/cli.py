@@ -127,8 +127,7 @@ def bench(
     memory_budgets: Optional[str] = typer.Option(None, "--memory-budgets", help="Comma-separated sizes, e.g. 2GB,3GB."),
     policies: str = typer.Option(DEFAULT_POLICY, "--policies", help="Comma-separated: lru, lfu, edgemoe."),
     expert_stores: str = typer.Option("auto", "--expert-stores", help="Comma-separated: mapped, sessions, fused, "
-                                      "auto (several: side by side, see `edgemoe ask --expert-store`; fused runs only "
-                                      "at the full budget)."),
+                                      "auto (several: side by side, see `edgemoe ask --expert-store`)."),
     image: Optional[Path] = typer.Option(None, "--image", help="The image to ask about (default: a synthetic one)."),
     question: Optional[str] = typer.Option(None, "--question", help="The question (default: describe the image)."),
     tokens: int = typer.Option(32, "--tokens", help="Tokens to generate per run."),

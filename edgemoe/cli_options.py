@@ -54,7 +54,7 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
     "expert_store": Flag(str, "auto", "--expert-store", "How experts are paged: mapped (sessions built once, "
                                                         "weight pages paged in and out; Linux) | sessions (a "
                                                         "session built per load) | fused (each layer's int4 "
-                                                        "experts in one resident QMoE session; no budget) | "
+                                                        "experts in one QMoE session, paged one expert at a time; Linux) | "
                                                         "auto (mapped where possible)."),
     "lookahead": Flag(int, 1, "--lookahead", "MoE layers ahead whose predicted experts are paged in while the "
                                              "current one computes (more: earlier, but less sure)."),

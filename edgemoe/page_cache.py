@@ -165,6 +165,16 @@ def resident_array_bytes(array: np.ndarray) -> int | None:
     return _resident_bytes(lib, start, array.ctypes.data + array.nbytes - start)
 
 
+def resident_range_bytes(addr: int, size: int) -> int | None:
+    """Bytes of the pages spanning [addr, addr + size) of this process's memory that are resident in
+    RAM (for a file mapping: in the page cache), or None where mincore is unavailable."""
+    lib = _libc()
+    if lib is None or size <= 0:
+        return None if lib is None else 0
+    start = addr // PAGE * PAGE
+    return _resident_bytes(lib, start, addr + size - start)
+
+
 def _resident_bytes(lib: Any, addr: int, size: int) -> int | None:
     """Bytes of the pages in [addr, addr + size) that `mincore` reports resident; None if it fails."""
     vec = (ctypes.c_ubyte * -(-size // PAGE))()

@@ -159,11 +159,11 @@ def test_tiny_end_to_end(tmp_path: Path) -> None:
     assert os.path.isfile(plot)
 
 
-def test_the_fused_store_runs_only_at_the_full_budget() -> None:
+def test_every_store_runs_at_every_budget_in_order() -> None:
     from edgemoe.bench.sweep import planned_runs
 
     options = BenchOptions.parse("100%,50%", None, "lru", "mapped,fused", tokens=5)
     plan = [(expert.text, store) for expert, _, store, _ in planned_runs(options)]
-    assert plan == [("100%", "mapped"), ("100%", "fused"), ("50%", "mapped")]
+    assert plan == [("100%", "mapped"), ("100%", "fused"), ("50%", "mapped"), ("50%", "fused")]
     memory = BenchOptions.parse(None, "2GB", "lru", "fused", tokens=5)
-    assert planned_runs(memory) == []  # a memory budget is never the full one
+    assert [(m.text, store) for _, m, store, _ in planned_runs(memory)] == [("2GB", "fused")]

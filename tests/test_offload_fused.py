@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,8 +13,10 @@ from edgemoe.keys import ExpertKey
 from edgemoe.model.routing_rule import select
 from edgemoe.offload import OnnxExpertStore
 from edgemoe.offload.fused import FusedExperts, layer_key
-from edgemoe.offload.prepacked import PrepackedGraphs
+from edgemoe.offload.mapped import mapped_store_supported
+from edgemoe.offload.prepacked import PAGE, PrepackedGraphs
 from edgemoe.offload.sessions import session_factory
+from edgemoe.page_cache import cached_bytes, sync_and_drop
 from edgemoe.runtime import ask
 from test_runtime_fixtures import edgemoe_cli, tiny  # noqa: F401 (fixture)
 
@@ -58,9 +62,58 @@ def test_fused_answers_equal_the_mapped_store_and_run_from_a_prepared_file(tiny)
 def test_what_fused_cannot_run_is_refused_in_one_line(tiny) -> None:
     with pytest.raises(EdgeMoEError, match="needs int4 experts; this bundle's are fp32"):
         FusedExperts(Bundle.open(tiny.bundle(FAMILY)))
-    result = edgemoe_cli("ask", str(tiny.bundle(FAMILY, "int4")), "What?", "--expert-store", "fused",
-                         "--expert-budget", "50%", "--max-tokens", "2")
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
-    assert "keeps every expert resident" in result.stderr
     with pytest.raises(EdgeMoEError, match="divisible by the int4 block"):  # MoE-LLaVA tiny: hidden 64
         FusedExperts(Bundle.open(tiny.bundle("stablelm", "int4")))
+
+
+def test_paged_fused_answers_equal_resident_at_every_expert_budget(tiny) -> None:
+    bundle = tiny.bundle(FAMILY, "int4")
+    store = FusedExperts(Bundle.open(bundle))
+    sizes = sorted((store.size_of(k) for k in store.keys()), reverse=True)
+    together = sum(sizes[:store.experts_together])  # a layer's experts may all be resident at once
+    store.close()
+    resident = ask(bundle, "What is in the image?", tiny.image, max_tokens=8, expert_store="fused")
+    for budget in (str(together), str(together + together // 2)):
+        paged = ask(bundle, "What is in the image?", tiny.image, max_tokens=8, expert_store="fused",
+                    expert_budget=budget)
+        assert list(paged.token_ids) == list(resident.token_ids), budget
+        assert paged.stats.cache_misses > 0 and paged.stats.expert_store == "fused"
+    result = edgemoe_cli("ask", bundle, "What?", "--expert-store", "fused", "--expert-budget", str(together - 1),
+                         "--max-tokens", "2")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"a layer's {store.experts_together} largest experts at once: the minimum is {together} bytes" in result.stderr
+
+
+def _page_cache_is_droppable(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.write_bytes(b"x" * (4 * PAGE))
+    sync_and_drop([probe])
+    return cached_bytes(probe) == 0
+
+
+def test_a_fused_layer_reads_only_the_pages_of_the_experts_it_runs(tiny, tmp_path) -> None:
+    """Every expert's pages are its own span of the layer's packed blobs: with nothing resident, a call
+    routed to some experts faults in those experts' spans and nothing of the others' but the pages they
+    share with them, so evicting an expert really gives its bytes back and a miss really reads them."""
+    if not (mapped_store_supported() and _page_cache_is_droppable(tmp_path)):
+        pytest.skip("needs mincore, madvise and a page cache that can be dropped (not tmpfs)")
+    bundle = Bundle.open(tiny.bundle(FAMILY, "int4"))
+    cfg = bundle.manifest.model_config()
+    store = FusedExperts(bundle, PrepackedGraphs(tmp_path / "packed"))
+    layer, experts = cfg.moe.layers[0], cfg.moe.experts_in(cfg.moe.layers[0])
+    keys = [ExpertKey(layer, e) for e in range(experts)]
+    assert all(store._pages[k].resident() == 0 for k in keys)  # opening the store loads nothing
+    chosen = [0, experts - 1] + list(range(2, 2 * cfg.moe.top_k - 2, 2))[:cfg.moe.top_k - 2]
+    runners = [store.load(ExpertKey(layer, e)) for e in chosen]
+    m = np.random.default_rng(0).standard_normal((1, cfg.hidden_size), dtype=np.float32)
+    logits = np.full((1, experts), -10.0, np.float32)
+    logits[0, chosen] = 10.0
+    y = runners[0].run_layer(layer, m, select(logits, cfg.moe.routing))
+    assert np.isfinite(y).all() and np.abs(y).max() > 0
+    others = [k for k in keys if k.expert not in chosen]
+    shared_pages = 2 * len(chosen) * len(store._pages[keys[0]].spans)  # at most a page each side per blob
+    assert sum(store._pages[k].resident() for k in others) <= shared_pages * PAGE
+    assert all(store._pages[ExpertKey(layer, e)].resident() == store.size_of(ExpertKey(layer, e)) for e in chosen)
+    for runner in runners:
+        runner.release()
+    assert all(store._pages[k].resident() == 0 for k in keys)

@@ -161,8 +161,6 @@ def ask_command(ctx: SweepContext, expert: Budget | None, memory: Budget | None,
     o = ctx.options
     cmd = [o.python, "-m", "edgemoe.cli", "ask", str(ctx.bundle.root), o.question, "--image", str(ctx.image),
            "--max-tokens", str(o.tokens), "--json", "--expert-store", store, "--routing", o.routing]
-    if store == FUSED:  # resident by construction: planned_runs only gives it the full budget
-        expert = memory = None
     if expert is not None:
         cmd += ["--expert-budget", expert.text]
     if memory is not None:
@@ -247,20 +245,13 @@ def prepare_experts(bundle: Bundle, stores: tuple[str, ...]) -> None:
             log.warning("cannot prepare the %s experts for this machine: %s", kind, exc)
 
 
-FUSED = "fused"  # the store whose experts are all resident in one QMoE session per layer: no budget applies
+FUSED = "fused"  # the store that runs each MoE layer's experts in one QMoE session, paged one expert at a time
 
 
 def planned_runs(options: BenchOptions) -> list[tuple[Budget | None, Budget | None, str, str]]:
-    """(expert budget, memory budget, store, policy) of every edgemoe run, in order; the fused store
-    runs only where the budget is every expert (100%, or none given)."""
-    runs = []
-    for expert, memory in options.budget_pairs():
-        for store in options.expert_stores:
-            full = memory is None and (expert is None or expert.fraction == 1.0)
-            if store == FUSED and not full:
-                continue
-            runs += [(expert, memory, store, policy) for policy in options.policies]
-    return runs
+    """(expert budget, memory budget, store, policy) of every edgemoe run, in order."""
+    return [(expert, memory, store, policy) for expert, memory in options.budget_pairs()
+            for store in options.expert_stores for policy in options.policies]
 
 
 def _steps(options: BenchOptions) -> int:

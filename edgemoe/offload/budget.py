@@ -94,12 +94,18 @@ class Budget:
         return f"{self.text} ({format_bytes(self.nbytes)})"
 
 
-def _sizes(expert_sizes: Mapping[Any, int] | Iterable[int]) -> tuple[int, int]:
-    """(largest, total) of expert sizes given as {key: bytes} or plain byte counts."""
+def _sizes(expert_sizes: Mapping[Any, int] | Iterable[int], together: int = 1) -> tuple[int, int]:
+    """(minimum capacity, total) of expert sizes given as {key: bytes} or plain byte counts: the
+    minimum is the `together` largest (one expert, or a fused layer's top-k held at once)."""
     sizes = list(expert_sizes.values() if isinstance(expert_sizes, Mapping) else expert_sizes)
     if not sizes:
         raise BudgetError("no experts to budget for")
-    return max(sizes), sum(sizes)
+    return minimum_capacity(sizes, together), sum(sizes)
+
+
+def minimum_capacity(sizes: Iterable[int], together: int = 1) -> int:
+    """The smallest expert cache that runs: the `together` largest experts resident at once."""
+    return sum(sorted(sizes, reverse=True)[:max(1, together)])
 
 
 @dataclass(frozen=True)
@@ -120,12 +126,14 @@ class ExpertBudget:
         return self.capacity_bytes / self.all_experts_bytes
 
     @classmethod
-    def for_experts(cls, spec: str | int, expert_sizes: Mapping[Any, int] | Iterable[int]) -> "ExpertBudget":
+    def for_experts(cls, spec: str | int, expert_sizes: Mapping[Any, int] | Iterable[int],
+                    together: int = 1) -> "ExpertBudget":
         """The cache capacity given directly ('2GB', '25%'), checked against the experts' sizes."""
-        largest, total = _sizes(expert_sizes)
+        largest, total = _sizes(expert_sizes, together)
         nbytes = parse_size(spec, total)
         if nbytes < largest:
-            raise BudgetError(f"expert budget {spec} ({format_bytes(nbytes)}) cannot hold the largest expert: "
+            what = "the largest expert" if together <= 1 else f"a layer's {together} largest experts at once"
+            raise BudgetError(f"expert budget {spec} ({format_bytes(nbytes)}) cannot hold {what}: "
                               f"the minimum is {largest} bytes ({format_bytes(largest)})")
         return cls(min(nbytes, total), largest, total)
 
@@ -160,9 +168,10 @@ class MemoryBudget:
     def baseline_bytes(self) -> int:
         return self.trunk_bytes + self.kv_cache_bytes + self.activation_bytes + self.slack_bytes
 
-    def expert_budget(self, expert_sizes: Mapping[Any, int] | Iterable[int]) -> ExpertBudget:
-        """The expert cache capacity this budget leaves; BudgetError naming the minimum if none."""
-        largest, total = _sizes(expert_sizes)
+    def expert_budget(self, expert_sizes: Mapping[Any, int] | Iterable[int], together: int = 1) -> ExpertBudget:
+        """The expert cache capacity this budget leaves; BudgetError naming the minimum if none (the
+        `together` largest experts: see `minimum_capacity`)."""
+        largest, total = _sizes(expert_sizes, together)
         available = self.total_bytes - self.baseline_bytes
         if self.startup_peak_bytes > self.total_bytes and available >= largest:
             minimum = self.startup_peak_bytes
@@ -176,6 +185,6 @@ class MemoryBudget:
                 f"memory budget {format_bytes(self.total_bytes)} cannot run this model: the baseline takes "
                 f"{format_bytes(self.baseline_bytes)} (trunk {format_bytes(self.trunk_bytes)}, KV cache "
                 f"{format_bytes(self.kv_cache_bytes)}, activations {format_bytes(self.activation_bytes)}, slack "
-                f"{format_bytes(self.slack_bytes)}) and one expert needs {format_bytes(largest)}; "
+                f"{format_bytes(self.slack_bytes)}) and {'one expert needs' if together <= 1 else f'{together} experts at once need'} {format_bytes(largest)}; "
                 f"the minimum budget is {minimum} bytes ({format_bytes(minimum)})")
         return ExpertBudget(min(available, total), largest, total)

@@ -120,6 +120,9 @@ class OffloadingProvider:
         self._guard: "Lease | None" = None  # the upcoming layer's residents, leased while hints load
         self.predictions = PredictionStats()
         self._in_time = 0  # hits served by a hint's load, at first use (single caller thread)
+        # A store whose layer runs its chosen experts in one call (fused) needs them all leased until the
+        # call ends; otherwise each lease ends as the caller moves on (a one-expert cache needs that).
+        self._hold = getattr(store, "experts_together", 1) > 1
 
     # --- the MoE layer's side ------------------------------------------------------------------
 
@@ -132,16 +135,18 @@ class OffloadingProvider:
             self._drop_guard()  # this layer's hits are leased now; the rest may make room
             self.prefetcher.request(misses, self._step, urgent=True)
             self._predict(layer, None)  # table predictors hint the next layer while this one runs
-            # Each lease ends as the caller moves on: then the expert may be evicted (a one-expert cache
-            # needs that).
+            # Each lease ends as the caller moves on (then the expert may be evicted), unless the store
+            # runs a layer's experts together: then all are held until the caller closes this iterator.
             for key, runner, lease in hits:
                 yield key, runner
-                lease.release()
+                if not self._hold:
+                    lease.release()
             for key in misses:
                 runner, lease = self.prefetcher.wait(key)  # a prefetched hold handed over, or our own load
                 leases.append(lease)
                 yield key, runner
-                lease.release()
+                if not self._hold:
+                    lease.release()
                 delivered += 1
         finally:  # the caller stopped early or a load failed: nothing of this call stays leased
             for lease in leases:

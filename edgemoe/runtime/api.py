@@ -267,14 +267,12 @@ class ChatSession:
         self.provider = moe.provider = self._provider(store, engine, prompt_positions)
         self.engine = engine
         self._load_s += time.monotonic() - t0
-        log.info("ready in %.2f s: %s", self._load_s, self.budget.describe() if self.budget else "fused experts")
+        log.info("ready in %.2f s: %s", self._load_s, self.budget.describe())
         return engine
 
     def _provider(self, store: Any, engine: Engine, prompt_positions: int) -> Any:
-        """The store itself for fused experts (all resident, no budget); else the budget is planned
-        from the measured baseline and a resident or offloading provider made over the store."""
-        if store_kind(store) == "fused":
-            return store
+        """The budget, planned from the measured baseline, and a resident or offloading provider over
+        the store."""
         opts = self.options
         self.budget = plan_budget(self.bundle, self.memory_budget, opts.expert_budget,
                                   # the cache's pages a first token wrote count once, as the KV cache
@@ -282,6 +280,7 @@ class ChatSession:
                                   kv_cache_bytes=engine.cache.nbytes, prompt_positions=prompt_positions,
                                   sizes=resident_sizes(store), fixed_bytes=getattr(store, "session_overhead_bytes", 0),
                                   load_transient=getattr(store, "load_transient_bytes", None),
+                                  together=getattr(store, "experts_together", 1),
                                   startup_peak=rss_high_water())
         provider = make_provider(self.bundle, self.budget.expert_bytes, opts.policy, store, opts.loaders)
         if self.budget.memory_budget is not None and hasattr(provider, "cache"):

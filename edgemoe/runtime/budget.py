@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 from edgemoe.bundle import Bundle
 from edgemoe.model.config import ModelConfig
-from edgemoe.offload.budget import ExpertBudget, MemoryBudget, format_bytes
+from edgemoe.offload.budget import ExpertBudget, MemoryBudget, format_bytes, minimum_capacity
 from edgemoe.runtime.engine import PREFILL_CHUNK
 
 FIXED_SLACK = 16 << 20  # interpreter and allocator noise between the measurement and the run
@@ -60,6 +60,7 @@ class BudgetPlan:
     resident_sizes: tuple[int, ...] = ()  # each expert's resident bytes (a memory budget's units)
     factor: float = 1.0  # resident bytes per counted byte
     expert_cap: int | None = None  # --expert-budget's capacity, which a memory budget never raises
+    together: int = 1  # experts a layer needs resident at once (largest_expert_bytes counts them all)
 
     def for_context(self, kv_cache_bytes: int, activation: int) -> "BudgetPlan":
         """This plan once the KV cache takes `kv_cache_bytes` and a prefill `activation` bytes: the
@@ -68,7 +69,7 @@ class BudgetPlan:
         if self.memory_budget is None:
             return self
         memory = replace(self.memory_budget, kv_cache_bytes=int(kv_cache_bytes), activation_bytes=int(activation))
-        capacity = max(int(memory.expert_budget(self.resident_sizes).capacity_bytes / self.factor),
+        capacity = max(int(memory.expert_budget(self.resident_sizes, self.together).capacity_bytes / self.factor),
                        self.largest_expert_bytes)
         if self.expert_cap is not None:
             capacity = min(capacity, self.expert_cap)
@@ -133,19 +134,20 @@ def prefill_activation(bundle: Bundle, positions: int) -> int:
 def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: str | int | None, *,
                 baseline_rss: int = 0, kv_cache_bytes: int = 0, prompt_positions: int = 0,
                 sizes: dict | None = None, fixed_bytes: int = 0, startup_peak: int = 0,
-                load_transient: int | None = None) -> BudgetPlan:
+                load_transient: int | None = None, together: int = 1) -> BudgetPlan:
     """The expert cache capacity for these budgets (module docstring). `load_transient`: what one
     expert load holds outside the cache's reservation (the store says; default a file's bytes plus
-    the session built from them)."""
+    the session built from them). `together`: experts a layer needs resident at once (a fused store:
+    its top-k), so the cache's minimum is the `together` largest."""
     factor = 1.0 if sizes is not None else session_factor(bundle)
     sizes = sizes if sizes is not None else expert_sizes(bundle)
-    largest, total = max(sizes.values()), sum(sizes.values())
+    largest, total = minimum_capacity(sizes.values(), together), sum(sizes.values())
     transient = int(largest * factor) if load_transient is None else int(load_transient)
     capacities: list[int] = []
     memory = None
     cap = None
     if expert_budget is not None:
-        cap = ExpertBudget.for_experts(expert_budget, sizes).capacity_bytes
+        cap = ExpertBudget.for_experts(expert_budget, sizes, together).capacity_bytes
         capacities.append(cap)
     if memory_budget is not None:
         memory = MemoryBudget.parse(
@@ -154,7 +156,7 @@ def plan_budget(bundle: Bundle, memory_budget: str | int | None, expert_budget: 
             slack_bytes=FIXED_SLACK + int(fixed_bytes) + LOADS_IN_FLIGHT * transient,
             startup_peak_bytes=int(startup_peak))
         resident = {k: int(v * factor) for k, v in sizes.items()}
-        capacity = int(memory.expert_budget(resident).capacity_bytes / factor)
+        capacity = int(memory.expert_budget(resident, together).capacity_bytes / factor)
         capacities.append(max(capacity, largest))
     return BudgetPlan(min(capacities) if capacities else None, total, largest, memory,
-                      tuple(int(v * factor) for v in sizes.values()), factor, cap)
+                      tuple(int(v * factor) for v in sizes.values()), factor, cap, together)

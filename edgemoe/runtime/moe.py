@@ -75,12 +75,7 @@ class MoELayer:
             if ranked:
                 self.gate.record(layer, hinted, needed)
         self.predictor.observe(layer, needed)
-        run_layer = getattr(self.provider, "run_layer", None)
-        if run_layer is not None:  # fused experts: the whole layer in one call, nothing to page
-            routed = run_layer(layer, m, routing)
-        else:
-            outputs = self._run_experts(layer, needed, routing, m)  # dispatch + experts (+ next-layer hint)
-            routed = combine(outputs, routing, m.shape)  # combine
+        routed = self._run_experts(layer, needed, routing, m)  # dispatch + experts (+ next-layer hint) + combine
         return h + (routed if shared is None else routed + shared)
 
     def _hint_next(self, layer: int, m: np.ndarray) -> None:
@@ -95,34 +90,49 @@ class MoELayer:
             if len(admitted) < len(guess):
                 self.predictions.withhold(len(guess) - len(admitted))
 
-    def _run_experts(self, layer: int, needed: tuple[int, ...], routing: Routing,
-                     m: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def _run_experts(self, layer: int, needed: tuple[int, ...], routing: Routing, m: np.ndarray) -> np.ndarray:
+        """The layer's routed sum [N, H]. Each expert runs as it is delivered, or, where its runner belongs
+        to a fused layer (`run_layer`), the layer runs once with every chosen expert delivered and still
+        leased (the provider holds them until this call closes its iterator)."""
         outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        run_layer, fused = None, set()
         with closing(self.provider.experts(layer, needed)) as delivered:
             for key, runner in delivered:
-                if not outputs:
+                if not outputs and not fused:
                     # The provider has now pinned this layer's resident experts and queued its misses,
-                    # so paging the next layer's guesses cannot evict what this layer is about to run.
+                    # so paging the next layer's guesses cannot evict what this layer is about to use.
                     self._hint_next(layer, m)
-                outputs[key.expert] = self._run_one(layer, needed, routing, m, key, runner, outputs)
-        missing = [e for e in needed if e not in outputs]
-        if missing:
-            raise EdgeMoEError(f"expert provider did not deliver L{layer}/E{missing[0]}")
-        return outputs
+                run_layer = getattr(runner, "run_layer", None)
+                if run_layer is not None:
+                    _check_delivery(layer, needed, key, fused)
+                    fused.add(key.expert)
+                else:
+                    outputs[key.expert] = self._run_one(layer, needed, routing, m, key, runner, outputs)
+            missing = [e for e in needed if e not in outputs and e not in fused]
+            if missing:
+                raise EdgeMoEError(f"expert provider did not deliver L{layer}/E{missing[0]}")
+            if fused:
+                if outputs:
+                    raise EdgeMoEError(f"layer {layer} mixes fused and separate experts")
+                return run_layer(layer, m, routing)
+        return combine(outputs, routing, m.shape)
 
     def _run_one(self, layer: int, needed: tuple[int, ...], routing: Routing, m: np.ndarray, key: ExpertKey,
                  runner: Any, done: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Dispatch: the expert runs once over every token routed to it, as soon as it is delivered
         (the provider may evict it when asked for the next one)."""
-        e = key.expert
-        if key.layer != layer or e not in needed or e in done:
-            raise EdgeMoEError(f"expert provider returned {key} when asked for layer {layer} experts {needed}")
-        token, slot = routing.tokens_of(e)
+        _check_delivery(layer, needed, key, done)
+        token, slot = routing.tokens_of(key.expert)
         return token, slot, run_expert(runner, np.ascontiguousarray(m[token]))
 
     def reset_hints(self) -> None:
         """Forget pending guesses (a forward pass was abandoned)."""
         self._hinted.clear()
+
+
+def _check_delivery(layer: int, needed: tuple[int, ...], key: ExpertKey, done: Any) -> None:
+    if key.layer != layer or key.expert not in needed or key.expert in done:
+        raise EdgeMoEError(f"expert provider returned {key} when asked for layer {layer} experts {needed}")
 
 
 def combine(outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], routing: Routing,

@@ -60,9 +60,6 @@ class GenerationOptions:
             raise EdgeMoEError(f"max tokens must be at least 1, got {self.max_tokens}")
         if self.expert_store not in EXPERT_STORES:
             raise EdgeMoEError(f"unknown expert store {self.expert_store!r}: expected one of {', '.join(EXPERT_STORES)}")
-        if self.expert_store == "fused" and (self.expert_budget is not None or self.memory_budget is not None):
-            raise EdgeMoEError("--expert-store fused keeps every expert resident: an expert or memory budget needs "
-                               "--expert-store mapped, sessions or auto")
         if self.policy not in POLICIES:
             raise EdgeMoEError(f"unknown eviction policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
         check_routing(self.routing)

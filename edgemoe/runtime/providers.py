@@ -2,8 +2,8 @@
 
 Contract: `open_expert_store(bundle, kind)` picks where experts come from: "mapped" (prepacked
 sessions whose weight pages are paged, `edgemoe.offload.mapped`), "sessions" (a session built per
-load, `OnnxExpertStore`), "fused" (each layer's int4 experts in one resident QMoE session,
-`edgemoe.offload.fused`: no budget applies; the store is its own provider), or "auto": mapped where
+load, `OnnxExpertStore`), "fused" (each layer's int4 experts in one QMoE session, paged
+one expert at a time, `edgemoe.offload.fused`), or "auto": mapped where
 this machine supports it and its cache directory is writable, sessions otherwise (logged). `make_provider(bundle, capacity, policy, store)` returns `edgemoe.offload.ResidentProvider` (every
 expert loaded once) when no budget applies (capacity None), else an `OffloadingProvider` over the
 bundle's experts with a cache of `capacity` bytes and the named eviction policy. The runtime's MoE
@@ -57,9 +57,9 @@ def store_kind(store: Any) -> str:
 
 
 def resident_sizes(store: Any) -> dict | None:
-    """The RSS each expert adds when resident, where the store knows it exactly (a mapped store);
+    """The RSS each expert adds when resident, where the store knows it exactly (mapped, fused);
     None where the budget must convert file bytes (a session store)."""
-    if isinstance(store, MappedExpertStore):
+    if isinstance(store, (MappedExpertStore, FusedExperts)):
         return {key: store.size_of(key) for key in store.keys()}
     return None
 
