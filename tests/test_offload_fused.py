@@ -117,3 +117,43 @@ def test_a_fused_layer_reads_only_the_pages_of_the_experts_it_runs(tiny, tmp_pat
     for runner in runners:
         runner.release()
     assert all(store._pages[k].resident() == 0 for k in keys)
+
+
+def test_under_a_budget_a_layer_runs_with_its_chosen_experts_leased_and_nothing_else_resident(
+        tiny, tmp_path, monkeypatch) -> None:
+    """The runtime holds a fused layer's chosen experts leased through its one call (were the leases to end
+    first, a loader thread could evict one mid-call and the kernel would fault it back in, outside the
+    budget). After a paged generation nothing of an expert outside the cache is resident but the pages it
+    shares with a cached neighbour."""
+    if not (mapped_store_supported() and _page_cache_is_droppable(tmp_path)):
+        pytest.skip("needs mincore, madvise and a page cache that can be dropped (not tmpfs)")
+    from edgemoe.runtime.api import ChatSession
+    from edgemoe.runtime.options import GenerationOptions
+
+    bundle = tiny.bundle(FAMILY, "int4")
+    store = FusedExperts(Bundle.open(bundle))
+    sizes = sorted((store.size_of(k) for k in store.keys()), reverse=True)
+    budget = sum(sizes[:store.experts_together]) + sizes[0]  # a layer and one more expert: the rest pages
+    store.close()
+    calls, unleased, sessions = [], [], []
+    run_layer = FusedExperts.run_layer
+
+    def checked(self, layer, m, routing):
+        pinned = set(sessions[0].provider.cache.pinned())
+        calls.append(layer)
+        unleased.extend(k for k in (ExpertKey(layer, int(e)) for e in routing.needed()) if k not in pinned)
+        return run_layer(self, layer, m, routing)
+
+    monkeypatch.setattr(FusedExperts, "run_layer", checked)
+    options = GenerationOptions(expert_budget=str(budget), expert_store="fused", max_tokens=6)
+    with ChatSession(bundle, tiny.image, options) as session:
+        sessions.append(session)
+        result = session.ask("What is in the image?")
+        assert calls and not unleased, unleased[:5]
+        provider = session.provider
+        cached = set(provider.cache.resident())
+        pages = provider.store._pages
+        assert result.stats.cache_misses > 0 and len(cached) < len(pages)
+        outside = sum(pages[k].resident() for k in pages if k not in cached)
+        assert outside <= 2 * 2 * len(cached) * PAGE  # shared boundary pages only
+        assert all(pages[k].resident() >= pages[k].nbytes - 4 * PAGE for k in cached)

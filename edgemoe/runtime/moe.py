@@ -95,7 +95,7 @@ class MoELayer:
         to a fused layer (`run_layer`), the layer runs once with every chosen expert delivered and still
         leased (the provider holds them until this call closes its iterator)."""
         outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        run_layer, fused = None, set()
+        fused: set[int] = set()
         with closing(self.provider.experts(layer, needed)) as delivered:
             for key, runner in delivered:
                 if not outputs and not fused:
@@ -103,18 +103,19 @@ class MoELayer:
                     # so paging the next layer's guesses cannot evict what this layer is about to use.
                     self._hint_next(layer, m)
                 run_layer = getattr(runner, "run_layer", None)
-                if run_layer is not None:
-                    _check_delivery(layer, needed, key, fused)
-                    fused.add(key.expert)
-                else:
+                if run_layer is None:
                     outputs[key.expert] = self._run_one(layer, needed, routing, m, key, runner, outputs)
-            missing = [e for e in needed if e not in outputs and e not in fused]
-            if missing:
-                raise EdgeMoEError(f"expert provider did not deliver L{layer}/E{missing[0]}")
-            if fused:
+                    continue
+                _check_delivery(layer, needed, key, fused)
+                fused.add(key.expert)
                 if outputs:
                     raise EdgeMoEError(f"layer {layer} mixes fused and separate experts")
-                return run_layer(layer, m, routing)
+                if len(fused) == len(needed):
+                    # Before asking the iterator for more: running out would end the call and its leases.
+                    return run_layer(layer, m, routing)
+        missing = [e for e in needed if e not in outputs]
+        if missing:
+            raise EdgeMoEError(f"expert provider did not deliver L{layer}/E{missing[0]}")
         return combine(outputs, routing, m.shape)
 
     def _run_one(self, layer: int, needed: tuple[int, ...], routing: Routing, m: np.ndarray, key: ExpertKey,
