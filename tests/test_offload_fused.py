@@ -111,7 +111,7 @@ def test_a_fused_layer_reads_only_the_pages_of_the_experts_it_runs(tiny, tmp_pat
     y = runners[0].run_layer(layer, m, select(logits, cfg.moe.routing))
     assert np.isfinite(y).all() and np.abs(y).max() > 0
     others = [k for k in keys if k.expert not in chosen]
-    shared_pages = 2 * len(chosen) * len(store._pages[keys[0]].spans)  # at most a page each side per blob
+    shared_pages = 2 * len(chosen) * len(store._pages[keys[0]].ranges)  # at most a page each side per blob
     assert sum(store._pages[k].resident() for k in others) <= shared_pages * PAGE
     assert all(store._pages[ExpertKey(layer, e)].resident() == store.size_of(ExpertKey(layer, e)) for e in chosen)
     for runner in runners:

@@ -10,9 +10,9 @@ it on every run). A blob that does not divide evenly
 is refused (`OffloadError`), since its layout would then be unknown. Neighbouring experts may share
 a boundary page: each counts it, so a budget counts at most two pages per blob more than is resident.
 
-`ExpertPages` pages one expert in (`page_in`: POSIX_FADV_WILLNEED, then MADV_POPULATE_READ, or
-reads where the kernel lacks it) and out (`page_out`: MADV_DONTNEED, then the spans dropped from
-the page cache). Unlike a mapped expert's own file, the layer's data file is shared: page-in drops
+`ExpertPages` pages one expert in and out as `offload.mapped.PageResidency` does a mapped expert's
+ranges (POSIX_FADV_WILLNEED, then MADV_POPULATE_READ or reads; MADV_DONTNEED, then dropped from the
+page cache). Unlike a mapped expert's own file, the layer's data file is shared: page-in drops
 nothing outside the spans (another expert's pages may be arriving there) and page-out drops only
 its own spans. A shared boundary page dropped while the neighbour runs is faulted back from the
 file: correct, and within what the neighbour counts. `page_out_all(path)` releases every mapped
@@ -21,17 +21,13 @@ range of a data file, which a freshly built session has faulted in.
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgemoe.offload.errors import OffloadError
-from edgemoe.offload.mapped import MADV_DONTNEED, MADV_POPULATE_READ, MADV_RANDOM, _madvise_fn, find_mappings
+from edgemoe.offload.mapped import MADV_DONTNEED, MADV_RANDOM, PageResidency, _madvise_fn, find_mappings
 from edgemoe.offload.prepacked import PAGE, PREPACKED_KEY, data_file
-from edgemoe.page_cache import drop_cached, resident_range_bytes, will_need
+from edgemoe.page_cache import drop_cached, resident_range_bytes
 
 Span = tuple[int, int, int]  # (address, length, file offset), page-aligned
 
@@ -70,53 +66,22 @@ def expert_spans(graph: Path, experts: int) -> list[tuple[Span, ...]]:
     return [tuple(spans) for spans in per_expert]
 
 
-@dataclass
-class ExpertPages:
-    """One expert's spans in a fused layer's shared data file (module docstring)."""
+class ExpertPages(PageResidency):
+    """One expert's spans in a fused layer's shared data file (module docstring): paged in as a mapped
+    expert's ranges are, but the rest of the file belongs to other experts."""
 
-    path: Path
-    spans: tuple[Span, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(length for _, length, _ in self.spans)
-
-    def page_in(self) -> None:
-        """Every span resident; OSError (nothing left resident) when the file cannot be read."""
-        try:
-            will_need(self.path, [(offset, length) for _, length, offset in self.spans])
-            if not self._populate():
-                self._read()
-        except OSError:
-            self.page_out()
-            raise
+    def _drop_readahead(self) -> None:
+        pass  # the spans were read exactly; what else is cached is other experts' (maybe arriving now)
 
     def page_out(self) -> None:
         libc = _madvise_fn()
-        for address, length, _ in self.spans:
+        for address, length, _ in self.ranges:
             libc.madvise(address, length, MADV_DONTNEED)
-        drop_cached(self.path, [(offset, length) for _, length, offset in self.spans])
+        drop_cached(self.path, [(offset, length) for _, length, offset in self.ranges])
 
     def resident(self) -> int:
-        return sum(resident_range_bytes(address, length) or 0 for address, length, _ in self.spans)
-
-    def _populate(self) -> bool:
-        libc = _madvise_fn()
-        for address, length, _ in self.spans:
-            if libc.madvise(address, length, MADV_POPULATE_READ) != 0:
-                err = ctypes.get_errno()
-                if err == errno.EINVAL:
-                    return False  # a kernel before 5.14: read instead
-                raise OSError(err, f"cannot page in {self.path.name}: {os.strerror(err)}")
-        return True
-
-    def _read(self) -> None:
-        with open(self.path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            for _, length, offset in self.spans:
-                want = min(length, size - offset)  # the last span's page may run past the end of the file
-                if want <= 0 or len(os.pread(f.fileno(), want, offset)) < want:
-                    raise OSError(errno.EIO, f"cannot page in {self.path.name}: short read")
+        """Bytes of the spans in memory (`mincore`: a span is part of a larger mapping)."""
+        return sum(resident_range_bytes(address, length) or 0 for address, length, _ in self.ranges)
 
 
 def page_out_all(path: Path) -> None:

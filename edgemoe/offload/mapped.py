@@ -126,6 +126,9 @@ class PageResidency:
             self._drain()
             self.page_out()
             raise
+        self._drop_readahead()
+
+    def _drop_readahead(self) -> None:
         drop_cached(self.path, self._unmapped())  # readahead past the mapped ranges
 
     def no_readaround(self) -> None:
