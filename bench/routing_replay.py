@@ -18,7 +18,14 @@ experts; a mixed-precision bundle would need per-expert sizes). Over the decode 
                   static-prefill set;
   pinned-P        the prompt's P x C most-routed experts pinned, an on-demand LRU of the other
                   (1 - P) x C (for P in 0.5, 0.75, 0.9: how much of a cache to pin);
-  uniform         (1 - C / experts) x top-k x MoE layers: a static cache under uniform routing.
+  uniform         (1 - C / experts) x top-k x MoE layers: a static cache under uniform routing;
+  belady          the offline optimum of C experts loaded on demand, starting from the static-prefill
+                  set: each miss evicts the expert whose next use is farthest (a floor no cache that
+                  cannot see the future reaches).
+It also prints how much a token's experts say about the next token's: the chance that an expert a
+layer used is used again by the next token, against the chance that any expert is used at all (equal
+when routing has no memory from token to token, so no history-based policy can beat a static set by
+much).
 Each is printed in MB per token (loads x one expert's bytes) next to the run's own paged bytes and disk
 reads per decoded token. Routing is whatever the run used: label it (the generated checkpoints' routing
 is easy to predict; `--routing uniform` is the worst case).
@@ -68,6 +75,43 @@ def pinned_lru_loads(decode: list[TraceRecord], capacity: int, order: list[Key],
     return lru_loads(rest, capacity - k, order[k:]) if capacity > k else sum(len(r.experts) for r in rest)
 
 
+def belady_loads(decode: list[TraceRecord], capacity: int, start: list[Key]) -> int:
+    """Misses of an optimal offline cache: evict the resident key used farthest in the future."""
+    uses = [(i, key) for i, r in enumerate(decode) for key in _used(r)]
+    following: list[int] = [0] * len(uses)
+    last: dict[Key, int] = {}
+    for j in range(len(uses) - 1, -1, -1):
+        following[j] = last.get(uses[j][1], len(uses))
+        last[uses[j][1]] = j
+    resident = {key: last.get(key, len(uses)) for key in start[:capacity]}  # key -> its next use
+    loads = 0
+    for j, (i, key) in enumerate(uses):
+        if key not in resident:
+            loads += 1
+            if len(resident) >= capacity:
+                running = set(_used(decode[i]))
+                victim = max((k for k in resident if k not in running), key=resident.__getitem__)
+                del resident[victim]
+        resident[key] = following[j]
+    return loads
+
+
+def reuse(decode: list[TraceRecord], layers: list[int]) -> dict:
+    """P(an expert is used by a token | the previous token used it) against P(it is used)."""
+    per_layer: dict[int, list[set[int]]] = {n: [] for n in layers}
+    for r in decode:
+        per_layer[r.layer].append(set(r.experts))
+    experts = max(e for r in decode for e in r.experts) + 1
+    again = used_before = used = seen = 0
+    for calls in per_layer.values():
+        for prev, now in zip(calls, calls[1:]):
+            again += len(prev & now)
+            used_before += len(prev)
+            used += len(now)
+            seen += experts
+    return {"p_used_again": again / used_before if used_before else None, "p_used": used / seen if seen else None}
+
+
 def top(counter: Counter, n: int) -> list[Key]:
     return [k for k, _ in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
@@ -99,6 +143,7 @@ def replay(stats: dict, records: list[TraceRecord]) -> dict:
         loads["static-same-memory"] = pinned_lru_loads(decode, capacity, order, capacity - 1)
     for fraction in PINNED_FRACTIONS:
         loads[f"pinned-{fraction}"] = pinned_lru_loads(decode, capacity, order, int(capacity * fraction))
+    loads["belady"] = belady_loads(decode, capacity, prefill_set)
     per_token = {k: v / tokens * one for k, v in loads.items()}
     per_token["uniform"] = (1 - capacity / experts_total) * top_k * len(layers) * one
     new = max(stats["new_tokens"] - 1, 1)
@@ -106,7 +151,7 @@ def replay(stats: dict, records: list[TraceRecord]) -> dict:
             "cache_experts": capacity, "expert_bytes": one, "static_bytes_per_token": per_token,
             "edgemoe_paged_bytes_per_token": stats["decode_bytes_paged"] / new,
             "edgemoe_disk_bytes_per_token": (stats.get("decode_disk_read_bytes") or 0) / new,
-            "routing": stats.get("routing", "model")}
+            "routing": stats.get("routing", "model"), "reuse": reuse(decode, layers)}
 
 
 def main() -> None:
@@ -123,6 +168,10 @@ def main() -> None:
           f"of {result['experts']} experts ({result['expert_bytes'] / mb:.1f} MB each)")
     print(f"edgemoe: paged {result['edgemoe_paged_bytes_per_token'] / mb:.1f} MB/token, read from disk "
           f"{result['edgemoe_disk_bytes_per_token'] / mb:.1f} MB/token")
+    r = result["reuse"]
+    if r["p_used_again"] is not None:
+        print(f"an expert a token used is used by the next token with p = {r['p_used_again']:.3f}; any expert "
+              f"with p = {r['p_used']:.3f}")
     for name, value in result["static_bytes_per_token"].items():
         print(f"{name:15s} {value / mb:8.1f} MB/token  (edgemoe paged {result['edgemoe_paged_bytes_per_token'] / value:.2f}x)"
               if value else f"{name:15s} {0:8.1f} MB/token")

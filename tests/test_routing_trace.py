@@ -71,3 +71,15 @@ def test_replay_counts_loads_as_by_hand() -> None:
     # {1} pinned, one slot (first 2): 0 loads, 2 loads, 0 loads
     assert per["static-same-memory"] == pytest.approx(100)
     assert result["edgemoe_paged_bytes_per_token"] == 100
+
+
+def test_belady_and_reuse_as_by_hand() -> None:
+    replay = _replay_module()
+    calls = [TraceRecord(1, 1, {0: 1}), TraceRecord(1, 1, {1: 1}), TraceRecord(1, 1, {2: 1}), TraceRecord(1, 1, {0: 1}),
+             TraceRecord(1, 1, {1: 1})]
+    # Two slots holding {0, 1}: 2 misses and must evict; the optimum evicts 1 (used last), so 0 hits and
+    # only 1 loads again: 2 loads. LRU evicts 0 first, then 1: 3 loads.
+    assert replay.belady_loads(calls, 2, [(1, 0), (1, 1)]) == 2
+    assert replay.lru_loads(calls, 2, [(1, 0), (1, 1)]) == 3
+    # Experts 0..2: no token reuses the previous token's expert, and each is used 1/3 of the time.
+    assert replay.reuse(calls, [1]) == {"p_used_again": 0.0, "p_used": pytest.approx(1 / 3)}
