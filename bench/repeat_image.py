@@ -1,6 +1,6 @@
 """Repeated questions about one image: time to first token cold against with `--prompt-cache`, in one run.
 
-    python bench/repeat_image.py BUNDLE IMAGE [--memory-budget 2.1GB] [--tokens 32] [--out FILE.json]
+    python bench/repeat_image.py BUNDLE IMAGE [--memory-budget 2.1GB] [--expert-store fused] [--tokens 32] [--out FILE.json]
 
 Contract: three fresh `edgemoe ask` processes, each measured by `edgemoe.bench.child.run_child` (peak RSS,
 and the footprint: RSS plus the page cache of the bundle's, prepacked and prompt-cache files) after the
@@ -40,6 +40,8 @@ def _ask(args: argparse.Namespace, question: str, cached: bool, env: dict[str, s
            "--max-tokens", str(args.tokens), "--json"] + (["--prompt-cache"] if cached else [])
     if args.memory_budget:
         cmd += ["--memory-budget", args.memory_budget]
+    if args.expert_store:
+        cmd += ["--expert-store", args.expert_store]
     child = run_child(cmd, env=env, watch_files=files, timeout_s=3600)
     if not child.ok:
         raise SystemExit(f"{' '.join(cmd)} failed: {child.failure()}")
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("image", type=Path)
     parser.add_argument("--memory-budget")
+    parser.add_argument("--expert-store", help="as `edgemoe ask --expert-store` (default: its own)")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -71,14 +74,16 @@ def main() -> None:
         saved = sum(p.stat().st_size for p in prompts.rglob("*") if p.is_file())
     cold, warm = runs[1], runs[2]
     report = {"machine": asdict(machine_info()), "bundle": str(args.bundle), "image": str(args.image),
-              "memory_budget": args.memory_budget, "tokens": args.tokens, "prompt_cache_bytes": saved,
+              "memory_budget": args.memory_budget, "expert_store": args.expert_store, "tokens": args.tokens,
+              "prompt_cache_bytes": saved,
               "runs": runs, "ttft_ratio": warm["ttft_s"] / cold["ttft_s"],
               "same_tokens": warm["token_ids"] == cold["token_ids"]}
     for run in runs:
         print(f"{'cached' if run['prompt_cache'] else 'cold  '} {run['question']!r}: TTFT {run['ttft_s']:.2f} s "
               f"(image {run['image_encode_s']:.2f}, prefill {run['prefill_s']:.2f} over {run['prefill_tokens']} of "
               f"{run['prompt_tokens']} positions, experts loading {run['prefill_expert_load_s']:.2f}), decode "
-              f"{run['decode_tokens_per_s'] or 0:.2f} tok/s, footprint {(run['peak_footprint_bytes'] or 0) / 1e9:.3f} GB")
+              f"{run['decode_tokens_per_s'] or 0:.2f} tok/s, footprint {(run['peak_footprint_bytes'] or 0) / 1e9:.3f} GB, "
+              f"loading before the question {run['load_s']:.2f} s")
     print(f"prompt cache {saved / 1e6:.0f} MB on disk; repeated-image TTFT {report['ttft_ratio']:.3f}x cold; "
           f"same tokens: {report['same_tokens']}")
     if args.out:
