@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +16,9 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.keys import ExpertKey
 from edgemoe.model.routing_rule import select
 from edgemoe.offload import OnnxExpertStore
-from edgemoe.offload.fused import FusedExperts, layer_key
+from edgemoe.offload.fused import FusedExperts, fused_layers_prepared, layer_key
 from edgemoe.offload.mapped import mapped_store_supported
-from edgemoe.offload.prepacked import PAGE, PrepackedGraphs
+from edgemoe.offload.prepacked import PAGE, PrepackedGraphs, machine_signature
 from edgemoe.offload.sessions import session_factory
 from edgemoe.page_cache import cached_bytes, sync_and_drop
 from edgemoe.runtime import ask
@@ -157,3 +161,25 @@ def test_under_a_budget_a_layer_runs_with_its_chosen_experts_leased_and_nothing_
         outside = sum(pages[k].resident() for k in pages if k not in cached)
         assert outside <= 2 * 2 * len(cached) * PAGE  # shared boundary pages only
         assert all(pages[k].resident() >= pages[k].nbytes - 4 * PAGE for k in cached)
+
+
+def test_a_budgeted_run_refuses_to_prepare_the_fused_store_and_runs_once_it_is(tiny, tmp_path) -> None:
+    """Preparing the fused layers holds a layer's experts and their packing in memory, outside what a
+    memory budget accounts for, so a budgeted run does not do it: one line says to run once without."""
+    bundle = str(tiny.bundle(FAMILY, "int4"))
+    env = {**os.environ, "EDGEMOE_CACHE_DIR": str(tmp_path / "cache")}
+
+    def ask_cli(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgemoe.cli", "ask", bundle, "What?", "--image", str(tiny.image),
+                               "--expert-store", "fused", "--max-tokens", "2", "--json", *options],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    refused = ask_cli("--memory-budget", "4GB")
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "not prepared on this machine yet" in refused.stderr and "Traceback" not in refused.stderr
+    assert not fused_layers_prepared(Bundle.open(bundle), PrepackedGraphs(tmp_path / "cache" / "prepacked" / machine_signature()))
+    prepared = ask_cli()
+    assert prepared.returncode == 0, prepared.stderr
+    budgeted = ask_cli("--memory-budget", "4GB")
+    assert budgeted.returncode == 0, budgeted.stderr
+    assert json.loads(budgeted.stdout)["token_ids"] == json.loads(prepared.stdout)["token_ids"]

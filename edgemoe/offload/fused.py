@@ -109,6 +109,13 @@ def layer_graph(bundle: "Bundle", layer: int, top_k: int) -> Any:
     return model
 
 
+def fused_layers_prepared(bundle: "Bundle", graphs: PrepackedGraphs | None = None) -> bool:
+    """Whether every MoE layer's fused graph is already prepared on this machine (a first run prepares
+    them, holding a layer's experts and ONNX Runtime's packing of them in memory)."""
+    graphs = graphs or PrepackedGraphs()
+    return all(graphs.exists(layer_key(bundle, n)) for n in bundle.manifest.model_config().moe.layers)
+
+
 def layer_key(bundle: "Bundle", layer: int) -> str:
     """Cache key of a fused layer: its member experts' contents and the fused layout's version."""
     h = hashlib.sha256(FUSED_VERSION)

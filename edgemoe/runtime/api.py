@@ -263,7 +263,8 @@ class ChatSession:
         if opts.routing_trace:
             moe.trace = RoutingTrace(opts.routing_trace)
         engine.warm_up()
-        store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress)  # before the baseline
+        store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress,  # before the baseline
+                                  may_prepare_fused=self.memory_budget is None)
         self.provider = moe.provider = self._provider(store, engine, prompt_positions)
         self.engine = engine
         self._load_s += time.monotonic() - t0

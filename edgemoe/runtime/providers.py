@@ -22,7 +22,7 @@ from typing import Any
 from edgemoe.bundle import Bundle
 from edgemoe.offload import DEFAULT_LOADERS, DEFAULT_POLICY, POLICIES, OffloadingProvider, OnnxExpertStore, ResidentProvider
 from edgemoe.offload.errors import OffloadError, PrepareError
-from edgemoe.offload.fused import FusedExperts
+from edgemoe.offload.fused import FusedExperts, fused_layers_prepared
 from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
 from edgemoe.offload.sessions import configure_process, session_factory
 
@@ -31,12 +31,18 @@ log = logging.getLogger(__name__)
 EXPERT_STORES = ("auto", "mapped", "sessions", "fused")
 
 
-def open_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[int, int], None] | None = None) -> Any:
-    """The bundle's expert store of `kind` (module docstring)."""
+def open_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[int, int], None] | None = None,
+                      may_prepare_fused: bool = True) -> Any:
+    """The bundle's expert store of `kind` (module docstring). `may_prepare_fused=False` (a run under a
+    memory budget) refuses, in one line, a fused store not yet prepared on this machine: preparing it
+    holds a layer's experts and their packing in memory, more than the budget accounts for."""
     if kind not in EXPERT_STORES:
         raise OffloadError(f"unknown expert store {kind!r}: expected one of {', '.join(EXPERT_STORES)}")
     configure_process()
-    if kind == "fused":  # every layer's experts in one resident QMoE session (edgemoe.offload.fused)
+    if kind == "fused":  # each layer's experts in one QMoE session, paged per expert (edgemoe.offload.fused)
+        if not may_prepare_fused and not fused_layers_prepared(bundle):
+            raise OffloadError("--expert-store fused is not prepared on this machine yet, and preparing it takes more "
+                               "memory than --memory-budget accounts for: run once without --memory-budget first")
         return FusedExperts(bundle, progress=progress)
     if kind == "sessions" or (kind == "auto" and not mapped_store_supported()):
         return OnnxExpertStore(bundle, session_factory())
