@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--expert-store", default="auto")
     parser.add_argument("options", nargs="*", help="more `ask` keyword options, KEY=VALUE (e.g. memory_budget=1.5GB)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     timers = Timers()
     for owner, name, label in ((trunk_module.Trunk, "attention", "attention"), (trunk_module.Trunk, "dense_mlp", "dense MLP"),
                                (trunk_module.Trunk, "head", "head"), (trunk_module.Trunk, "embed", "embedding"),
