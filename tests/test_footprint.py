@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from edgemoe.offload.footprint import FootprintSampler, measure_footprint, model
 from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
 from edgemoe.offload.prepacked import PrepackedGraphs
 from edgemoe.model.config import KVLayout
-from edgemoe.page_cache import PAGE, CacheProbe, cached_bytes, drop_cached, resident_array_bytes, sync_and_drop
+from edgemoe.page_cache import (PAGE, CacheProbe, cached_bytes, drop_cached, resident_array_bytes, sync_and_drop,
+                                 will_need)
 from edgemoe.runtime.kv_cache import KVCache
 from offload_fakes import write_expert_bundle
 from test_runtime_fixtures import tiny  # noqa: F401 (fixture)
@@ -159,6 +161,23 @@ def test_an_evicted_expert_leaves_neither_rss_nor_page_cache(bundle: Bundle, tmp
     assert expert.residency.resident() == 0 and cached_bytes(data) == 0
     footprint = measure_footprint(os.getpid(), [data, expert_file])
     assert footprint is not None and footprint.file_cache_bytes == 0
+
+
+def test_will_need_reads_a_range_larger_than_one_readahead_request(tmp_path: Path) -> None:
+    """One POSIX_FADV_WILLNEED starts at most one readahead request's worth of a range (8 MB on the
+    benchmark machine, far less on common defaults); `will_need` must bring in all of a larger one."""
+    if not _page_cache_is_droppable(tmp_path):
+        pytest.skip("the test directory is on tmpfs, whose pages cannot be dropped")
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(24 << 20))
+    sync_and_drop([path])
+    offset, length = 1 << 20, 20 << 20
+    will_need(path, [(offset, length)])
+    deadline = time.monotonic() + 10
+    while cached_bytes(path) < length and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cached_bytes(path) >= length, f"{cached_bytes(path)} of {length} bytes read ahead"
+    assert cached_bytes(path) <= length + 2 * PAGE  # exactly the range (page rounding aside)
 
 
 # Runs in a child: a SIGBUS there fails the test instead of killing pytest.
