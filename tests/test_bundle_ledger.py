@@ -41,6 +41,18 @@ def test_a_record_round_trips_through_a_new_ledger(tmp_path: Path) -> None:
     assert not again.attests(target, changed, SHA)
 
 
+def test_a_file_reached_through_a_linked_directory_is_the_same_record(tmp_path: Path) -> None:
+    """The bench runs with a temporary cache whose prepacked folder links to the user's: the twins recorded
+    there must still count as verified (before, every twin was packed again through the link)."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "f.bin"
+    target.write_bytes(b"x" * 100)
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    HashLedger(tmp_path / "l.jsonl").record(target, file_identity(target), SHA)
+    linked = tmp_path / "link" / "f.bin"
+    assert HashLedger(tmp_path / "l.jsonl").attests(linked, file_identity(linked), SHA)
+
+
 def test_torn_and_foreign_lines_are_skipped_and_the_last_record_wins(tmp_path: Path) -> None:
     path = tmp_path / "l.jsonl"
     ledger = HashLedger(path)

@@ -62,11 +62,11 @@ class HashLedger:
 
     def attests(self, path: str | os.PathLike[str], identity: Identity, sha256: str) -> bool:
         with self._lock:
-            return self._entries.get(os.path.abspath(path)) == (tuple(identity), sha256)
+            return self._entries.get(_key(path)) == (tuple(identity), sha256)
 
     def record(self, path: str | os.PathLike[str], identity: Identity, sha256: str) -> None:
         """Note a hash result; best effort (a ledger that cannot be written only costs a re-hash)."""
-        key, value = os.path.abspath(path), (tuple(int(x) for x in identity), sha256)
+        key, value = _key(path), (tuple(int(x) for x in identity), sha256)
         line = json.dumps({"path": key, "identity": list(value[0]), "sha256": sha256}) + "\n"
         with self._lock:
             if self._entries.get(key) == value:
@@ -115,3 +115,9 @@ class HashLedger:
             os.replace(tmp, self.path)
         except OSError as exc:
             log.debug("cannot compact %s: %s", self.path, exc)
+
+
+def _key(path: str | os.PathLike[str]) -> str:
+    """A file's record key: its path with every symlink resolved, so the same file reached through a
+    linked directory (the bench's temporary cache links to the user's prepacked twins) is recognised."""
+    return os.path.realpath(path)
