@@ -96,7 +96,7 @@ class Budget:
 
 def _sizes(expert_sizes: Mapping[Any, int] | Iterable[int], together: int = 1) -> tuple[int, int]:
     """(minimum capacity, total) of expert sizes given as {key: bytes} or plain byte counts: the
-    minimum is the `together` largest (one expert, or a fused layer's top-k held at once)."""
+    minimum is the `together` largest (one expert, or a fused layer's experts held at once)."""
     sizes = list(expert_sizes.values() if isinstance(expert_sizes, Mapping) else expert_sizes)
     if not sizes:
         raise BudgetError("no experts to budget for")

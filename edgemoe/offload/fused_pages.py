@@ -21,6 +21,7 @@ range of a data file, which a freshly built session has faulted in.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,18 +67,12 @@ def expert_spans(graph: Path, experts: int) -> list[tuple[Span, ...]]:
     return [tuple(spans) for spans in per_expert]
 
 
+@dataclass
 class ExpertPages(PageResidency):
-    """One expert's spans in a fused layer's shared data file (module docstring): paged in as a mapped
-    expert's ranges are, but the rest of the file belongs to other experts."""
+    """One expert's spans in a fused layer's shared data file (module docstring): paged in and out as a
+    mapped expert's ranges are, but the rest of the file belongs to other experts."""
 
-    def _drop_readahead(self) -> None:
-        pass  # the spans were read exactly; what else is cached is other experts' (maybe arriving now)
-
-    def page_out(self) -> None:
-        libc = _madvise_fn()
-        for address, length, _ in self.ranges:
-            libc.madvise(address, length, MADV_DONTNEED)
-        drop_cached(self.path, [(offset, length) for _, length, offset in self.ranges])
+    shared: bool = True
 
     def resident(self) -> int:
         """Bytes of the spans in memory (`mincore`: a span is part of a larger mapping)."""

@@ -106,10 +106,13 @@ class PageResidency:
 
     Paging in leaves only the mapped ranges cached (readahead past them is dropped); paging out
     unmaps them and drops them from the page cache, so a later load really reads the file. A failed
-    page-in drops whatever it brought in before raising."""
+    page-in drops whatever it brought in before raising. With `shared`, the file also holds other
+    residencies' pages (a fused layer's experts, `offload.fused_pages`): only these ranges are
+    dropped, never the rest of the file, whose pages may be another expert's, arriving now."""
 
     path: Path
     ranges: tuple[tuple[int, int, int], ...] = ()  # (address, length, file offset)
+    shared: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -126,10 +129,8 @@ class PageResidency:
             self._drain()
             self.page_out()
             raise
-        self._drop_readahead()
-
-    def _drop_readahead(self) -> None:
-        drop_cached(self.path, self._unmapped())  # readahead past the mapped ranges
+        if not self.shared:
+            drop_cached(self.path, self._unmapped())  # readahead past the mapped ranges
 
     def no_readaround(self) -> None:
         """MADV_RANDOM on the mappings: a fault reads its page, not the device's readahead window
@@ -193,7 +194,7 @@ class PageResidency:
         libc = _madvise_fn()
         for start, length, _ in self.ranges:
             libc.madvise(start, length, MADV_DONTNEED)
-        drop_cached(self.path)
+        drop_cached(self.path, [(offset, length) for _, length, offset in self.ranges] if self.shared else None)
 
     def _unmapped(self) -> list[tuple[int, int]]:
         """(offset, length) of the file's gaps between mapped ranges, the tail as length 0 (to EOF)."""

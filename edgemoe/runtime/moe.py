@@ -113,7 +113,7 @@ class MoELayer:
                 if len(fused) == len(needed):
                     # Before asking the iterator for more: running out would end the call and its leases.
                     return run_layer(layer, m, routing)
-        missing = [e for e in needed if e not in outputs]
+        missing = [e for e in needed if e not in outputs and e not in fused]
         if missing:
             raise EdgeMoEError(f"expert provider did not deliver L{layer}/E{missing[0]}")
         return combine(outputs, routing, m.shape)
