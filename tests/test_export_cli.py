@@ -61,6 +61,26 @@ def test_inspect_bundle_tables(exported) -> None:
         assert text in result.stdout, text
 
 
+def test_the_expert_table_has_one_row_per_layer_that_fits_a_terminal_at_64_experts() -> None:
+    """DeepSeek-VL2 has 64 experts a layer: a column per expert made the table unreadable at any width."""
+    from rich.console import Console
+
+    from edgemoe.export.bundle_report import _expert_table
+
+    def layer(n: int, precisions: list[str]) -> dict:
+        experts = [{"precision": p, "bytes": 4_600_000 + 1000 * i} for i, p in enumerate(precisions)]
+        return {"layer": n, "experts": experts, "bytes": sum(e["bytes"] for e in experts)}
+
+    report = {"experts": {"layers": [layer(1, ["int4"] * 60 + ["int8"] * 4), layer(2, ["int8", "int4", "int4", "int8"])]}}
+    console = Console(width=80, record=True)
+    console.print(_expert_table(report))
+    lines = console.export_text().splitlines()
+    rows = [line for line in lines if line.startswith("│")]
+    assert len(rows) == 2 and all(len(line) <= 80 for line in lines)
+    assert "60 x int4, 4 x int8" in rows[0] and "4.60 MB" in rows[0] and "4.66 MB" in rows[0]
+    assert "int8 int4 int4 int8" in rows[1]
+
+
 @pytest.mark.parametrize("args, message", [
     (("export", "/no/such/ckpt", "-o", "/tmp/x-edgemoe-never"), "error: checkpoint directory not found"),
     (("export", "{ckpt}", "-o", "/tmp/x-edgemoe-never", "--precision", "int3"), "error: unknown precision 'int3'"),

@@ -152,17 +152,31 @@ def _overview(report: dict[str, Any]) -> Table:
     return t
 
 
+PER_EXPERT_CELLS = 8  # up to this many experts a layer, each gets its own cell; beyond, one summary per layer
+
+
+def _precision_mix(experts: list[dict[str, Any]]) -> str:
+    """A layer's expert precisions: one word per expert for a few experts ("int8 int4 int4 int8"), else
+    counts ("60 x int4, 4 x int8"), so 64 experts a layer still fit a terminal."""
+    names = [str(e["precision"]) for e in experts]
+    if len(names) <= PER_EXPERT_CELLS:
+        return " ".join(names)
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{n} x {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _expert_table(report: dict[str, Any]) -> Table:
-    layers = report["experts"]["layers"]
-    width = max((len(layer["experts"]) for layer in layers), default=0)
+    """One row per MoE layer: its experts' precisions, the smallest and largest expert, the layer's bytes
+    (every expert's own figures are in `inspect --json`)."""
     t = Table(title="experts: precision and size per layer")
-    t.add_column("layer", justify="right")
-    for e in range(width):
-        t.add_column(f"E{e}")
-    t.add_column("layer total", justify="right")
-    for layer in layers:
-        cells = [f"{e['precision']} {_mb(e['bytes'])}" for e in layer["experts"]]
-        t.add_row(str(layer["layer"]), *cells, *[""] * (width - len(cells)), _mb(layer["bytes"]))
+    for col in ("layer", "experts", "precisions", "smallest", "largest", "layer total"):
+        t.add_column(col, justify="left" if col == "precisions" else "right")
+    for layer in report["experts"]["layers"]:
+        sizes = [e["bytes"] for e in layer["experts"]] or [0]
+        t.add_row(str(layer["layer"]), str(len(layer["experts"])), _precision_mix(layer["experts"]),
+                  _mb(min(sizes)), _mb(max(sizes)), _mb(layer["bytes"]))
     return t
 
 
