@@ -115,6 +115,26 @@ def test_the_runtime_cache_holds_576_values_a_position_at_full_small_size(tmp_pa
     assert cache.nbytes == cfg.num_layers * 576 * 4 * 20
 
 
+def test_inspect_reports_the_kv_bytes_the_runtime_allocates(small) -> None:
+    """`inspect BUNDLE`'s KV line is what a position really costs in the runtime's cache: the latent in
+    the attention graphs' own element type (fp32 for the fp32 bundle, fp16 for int4)."""
+    from edgemoe.export.bundle_report import inspect_bundle
+    from edgemoe.offload.sessions import cache_dtype
+
+    _, _, _, root = small
+    for precision, value_bytes in (("fp32", 4), ("int4", 2)):
+        bundle = Bundle.open(root / precision)
+        cfg = bundle.manifest.model_config()
+        import onnxruntime as ort
+
+        attn = ort.InferenceSession(str(bundle.path_of(next(e for e in bundle.manifest.files if e.role == "attention"))),
+                                    providers=["CPUExecutionProvider"])
+        cache = KVCache(cfg.num_layers, cfg.kv_layout, capacity=7, dtype=cache_dtype(attn))
+        kv = inspect_bundle(root / precision)["kv_cache"]
+        assert kv["value_bytes"] == value_bytes and kv["bytes_per_position"] * 7 == cache.nbytes, precision
+        assert kv["expanded_values_per_position"] > kv["values_per_position"]  # MLA caches less than K and V
+
+
 def _reference_tokens(small, image, tokens: int) -> list[int]:
     _, _, model, root = small
     bundle = root / "fp32"

@@ -95,14 +95,18 @@ def inspect_bundle(path: Path | str) -> dict[str, Any]:
     experts = _experts(bundle)
     every_graph = trunk + [e for layer in experts["layers"] for e in layer["experts"]]
     model = m.model
+    config = ModelConfig.from_dict(model)
     return {
         "kind": "bundle", "path": str(path), "schema_version": m.schema_version,
         "edgemoe_version": m.edgemoe_version, "created_at": m.created_at, "target": m.target,
-        "model_type": ModelConfig.from_dict(model).model_type, "family": model.get("family"),
+        "model_type": config.model_type, "family": model.get("family"),
         "num_layers": model.get("num_layers"), "moe_layers": (model.get("moe") or {}).get("layers", []),
         "total_bytes": m.total_bytes, "expert_bytes": experts["bytes"],
         "trunk_bytes": sum(g["bytes"] for g in trunk),
         "other_bytes": m.total_bytes - experts["bytes"] - sum(g["bytes"] for g in trunk),
+        "kv_cache": {"values_per_position": config.kv_values_per_position, "value_bytes": m.kv_value_bytes,
+                     "bytes_per_position": config.kv_values_per_position * m.kv_value_bytes,
+                     "expanded_values_per_position": config.num_layers * config.expanded_kv_values},
         "files": len(m.files), "experts": experts, "trunk": trunk, "policy": _policy(m.policy),
         "validation": {"passed": all(g["validation"] is None or g["validation"]["passed"] for g in every_graph),
                        "by_role": _summary_by_role(every_graph)},
@@ -139,7 +143,8 @@ def _overview(report: dict[str, Any]) -> Table:
             ("size", f"{_mb(report['total_bytes'])} total: experts {_mb(report['expert_bytes'])}, "
                      f"trunk {_mb(report['trunk_bytes'])}, other {_mb(report['other_bytes'])}"),
             ("experts", counts),
-            ("policy", f"{_mode(p)}; trunk {p['trunk']}, vision {p['vision']}, embed {p['embed']}")]
+            ("policy", f"{_mode(p)}; trunk {p['trunk']}, vision {p['vision']}, embed {p['embed']}"),
+            ("KV cache", _kv_cache(report["kv_cache"]))]
     if p["mode"] == "auto" and p["error"]:
         e, b = p["error"], p["budget"] or {}
         rows.append(("measured", f"top-1 {e['top1_agreement']:.4f} (>= {b.get('min_top1')}), mean KL "
@@ -150,6 +155,18 @@ def _overview(report: dict[str, Any]) -> Table:
     for k, v in rows:
         t.add_row(k, str(v))
     return t
+
+
+def _kv_cache(kv: dict[str, Any]) -> str:
+    """What a position costs in the runtime's cache, in the bundle's element type, and what keys and
+    values of plain multi-head attention would cost in that type (MLA caches a compressed latent)."""
+    kind = "fp16" if kv["value_bytes"] == 2 else "fp32"
+    line = f"{_mb(kv['bytes_per_position'])} per position ({kv['values_per_position']:,} {kind} values)"
+    expanded = kv["expanded_values_per_position"]
+    if expanded != kv["values_per_position"]:
+        line += (f"; uncompressed keys and values would be {_mb(expanded * kv['value_bytes'])} "
+                 f"({expanded / kv['values_per_position']:.1f}x)")
+    return line
 
 
 PER_EXPERT_CELLS = 8  # up to this many experts a layer, each gets its own cell; beyond, one summary per layer
