@@ -193,7 +193,7 @@ class Trunk:
         call = self._attention_calls.get(n)
         if call is None or call.session is not self.attn[n]:
             call = self._attention_calls[n] = AttentionCall(self.attn[n], f"layer{n}.attn")
-        return call(n, x, cache)
+        return call(n, x, cache, first=n == 0)
 
     def dense_mlp(self, n: int, m: np.ndarray) -> np.ndarray:
         return _run(self.mlp[n], f"layer{n}.mlp", {"x": np.ascontiguousarray(m)})[0]
