@@ -79,6 +79,27 @@ def test_edgemoe_scores_frequency_over_forward_layer_distance() -> None:
     assert c.evicted == [l3, l7, l5]
 
 
+def test_edgemoe_victim_is_its_lowest_rank_in_any_state() -> None:
+    """The victim is worked out with each layer's distance computed once per call (hundreds of candidates
+    on every eviction): it must be exactly the per-key ranking's minimum, ties included."""
+    import random
+
+    layers = tuple(range(1, 27))
+    policy = EdgeMoEPolicy(layers)
+    keys = [ExpertKey(layer, e) for layer in layers for e in range(64)]
+    rng = random.Random(0)
+    for key in keys:
+        policy.inserted(key)
+        for _ in range(rng.randrange(4)):  # few distinct counts: many exact score ties across layers
+            policy.accessed(key)
+    for current in (1, 5, 13, 26):
+        policy.advance(current)
+        for subset in (keys, rng.sample(keys, 300), rng.sample(keys, 3), keys[:1]):
+            assert policy.victim(subset) == min(subset, key=policy._rank)
+    with pytest.raises(OffloadError, match="layer 99 is not one of the MoE layers"):
+        policy.victim([ExpertKey(99, 0)])
+
+
 def test_leased_keys_are_never_evicted_and_the_error_names_each_holder() -> None:
     c = Checked(30)
     use = c.put(A, lease="use")

@@ -132,6 +132,23 @@ class EdgeMoEPolicy(_Usage):
     def _rank(self, key: ExpertKey) -> tuple:
         return (self.score(key), self.last_use.get(key, 0), key)
 
+    def victim(self, candidates: Collection[ExpertKey]) -> ExpertKey:
+        """`_rank`'s minimum, with each layer's distance worked out once per call instead of once per
+        candidate: the cache asks on every eviction, over every unleased resident expert (hundreds)."""
+        if not candidates:
+            raise OffloadError(f"{self.name} policy asked for a victim among no candidates")
+        n = len(self.moe_layers)
+        distance = {layer: (i - self._current - 1) % n + 1 for layer, i in self._index.items()}
+        frequency, last_use = self.frequency, self.last_use
+        keys = list(candidates)
+        try:
+            scores = [(frequency[k] + 1) / distance[k.layer] for k in keys]
+        except KeyError as exc:
+            raise OffloadError(f"layer {exc.args[0]} is not one of the MoE layers {list(self.moe_layers)}") from None
+        lowest = min(scores)
+        tied = [k for k, s in zip(keys, scores) if s == lowest]  # usually one: then no tuple is built
+        return tied[0] if len(tied) == 1 else min(tied, key=lambda k: (last_use.get(k, 0), k))
+
 
 def make_policy(policy: str | EvictionPolicy, moe_layers: Sequence[int] | None = None) -> EvictionPolicy:
     """A policy by name ("lru" | "lfu" | "edgemoe"), or `policy` itself when it already is one."""

@@ -208,7 +208,7 @@ class OffloadingProvider:
         if self._guard is not None:
             return
         upcoming = self.moe_layers[(self._index.get(self._layer, -1) + 1) % len(self.moe_layers)]
-        residents = [k for k in self.cache.resident() if k.layer == upcoming]
+        residents = self.cache.resident_in(upcoming)
         if residents:  # none yet: look again at the next hint
             self._guard = self.cache.lease(residents, "guard")
 
