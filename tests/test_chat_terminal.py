@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 
 import pexpect
@@ -19,8 +20,11 @@ PROMPT = ">>> "
 def spawn(tiny, tmp_path, *args: str) -> pexpect.spawn:
     env = {"EDGEMOE_HISTORY": str(tmp_path / "history"), "PATH": "/usr/bin:/bin", "TERM": "dumb",
            "HOME": str(tmp_path), "EDGEMOE_CACHE_DIR": str(tmp_path / "cache")}
+    # A terminal user's Ctrl-C: the default handler, even when the suite itself runs in the background
+    # (a shell's `cmd &` ignores SIGINT, the child inherits that, and Python then installs no handler).
     child = pexpect.spawn(sys.executable, ["-m", "edgemoe.cli", "chat", str(tiny.bundle("stablelm")), *args],
-                          env=env, encoding="utf-8", timeout=120, cwd=str(tmp_path), dimensions=(40, 400))
+                          env=env, encoding="utf-8", timeout=120, cwd=str(tmp_path), dimensions=(40, 400),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact(PROMPT)
     return child
 
