@@ -63,12 +63,13 @@ def _image_tokens(report: dict[str, Any]) -> str:
     return f"{report['image_tokens']}..{most} (tiled)" if most else str(report["image_tokens"])
 
 
-def _kv_line(report: dict[str, Any]) -> str:
-    """Bytes the runtime's fp32 cache takes per position, against the expanded form where MLA compresses."""
-    values, expanded = report.get("kv_values_per_position", 0), report.get("expanded_kv_values_per_position", 0)
-    line = f"{values:,} values = {format_bytes(4 * values)} per position (fp32)"
+def kv_cache_line(values: int, expanded: int, value_bytes: int = 4) -> str:
+    """Bytes the runtime's cache takes per position at `value_bytes` a value (fp32 4, fp16 2), against
+    the expanded form where MLA compresses (a checkpoint's line at fp32; a bundle's at its cache type)."""
+    kind = "fp16" if value_bytes == 2 else "fp32"
+    line = f"{values:,} values = {format_bytes(value_bytes * values)} per position ({kind})"
     if expanded and expanded != values:
-        line += f"; uncompressed keys and values would be {expanded:,} = {format_bytes(4 * expanded)}"
+        line += f"; uncompressed keys and values would be {expanded:,} = {format_bytes(value_bytes * expanded)}"
     return line
 
 
@@ -90,7 +91,8 @@ def render_inspection(report: dict[str, Any], console: Console) -> None:
         ("experts", _experts_line(report)),
         ("routing", report.get("routing") or f"top-{report['top_k']}"),
         ("attention", report.get("attention", "mha")),
-        ("KV cache", _kv_line(report)),
+        ("KV cache", kv_cache_line(report.get("kv_values_per_position", 0),
+                                   report.get("expanded_kv_values_per_position", 0))),
         ("parameters", f"{report.get('all_params', 0):,} in all (LLM, vision tower, projector)"),
         ("LLM parameters", f"{_billions(report['total_params'])} total, {_billions(report['active_params'])} active, "
                            f"{_billions(report.get('token_params', 0))} read per decoded token"),

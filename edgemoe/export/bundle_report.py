@@ -11,6 +11,7 @@ Reads only the manifest: no onnx, no onnxruntime, no torch.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -158,15 +159,10 @@ def _overview(report: dict[str, Any]) -> Table:
 
 
 def _kv_cache(kv: dict[str, Any]) -> str:
-    """What a position costs in the runtime's cache, in the bundle's element type, and what keys and
-    values of plain multi-head attention would cost in that type (MLA caches a compressed latent)."""
-    kind = "fp16" if kv["value_bytes"] == 2 else "fp32"
-    line = f"{_mb(kv['bytes_per_position'])} per position ({kv['values_per_position']:,} {kind} values)"
-    expanded = kv["expanded_values_per_position"]
-    if expanded != kv["values_per_position"]:
-        line += (f"; uncompressed keys and values would be {_mb(expanded * kv['value_bytes'])} "
-                 f"({expanded / kv['values_per_position']:.1f}x)")
-    return line
+    """The checkpoint's KV line (`inspect_report.kv_cache_line`) in the bundle's cache element type."""
+    from edgemoe.inspect_report import kv_cache_line  # here: inspect_report imports this module lazily too
+
+    return kv_cache_line(kv["values_per_position"], kv["expanded_values_per_position"], kv["value_bytes"])
 
 
 PER_EXPERT_CELLS = 8  # up to this many experts a layer, each gets its own cell; beyond, one summary per layer
@@ -178,9 +174,7 @@ def _precision_mix(experts: list[dict[str, Any]]) -> str:
     names = [str(e["precision"]) for e in experts]
     if len(names) <= PER_EXPERT_CELLS:
         return " ".join(names)
-    counts: dict[str, int] = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(names)
     return ", ".join(f"{n} x {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

@@ -77,6 +77,10 @@ class _Usage:
     def victim(self, candidates: Collection[ExpertKey]) -> ExpertKey:
         if not candidates:
             raise OffloadError(f"{self.name} policy asked for a victim among no candidates")
+        return self._lowest(candidates)
+
+    def _lowest(self, candidates: Collection[ExpertKey]) -> ExpertKey:
+        """The candidate of lowest `_rank` (a policy may find it faster, never differently)."""
         return min(candidates, key=self._rank)
 
     def _rank(self, key: ExpertKey) -> tuple:
@@ -117,8 +121,10 @@ class EdgeMoEPolicy(_Usage):
 
     def distance(self, key: ExpertKey) -> int:
         """MoE layers from the current one forward to `key.layer`, in 1..n (module docstring)."""
-        n = len(self.moe_layers)
-        return (self._position(key.layer) - self._current - 1) % n + 1
+        return self._steps_to(self._position(key.layer))
+
+    def _steps_to(self, position: int) -> int:
+        return (position - self._current - 1) % len(self.moe_layers) + 1
 
     def score(self, key: ExpertKey) -> float:
         return (self.frequency[key] + 1) / self.distance(key)
@@ -132,13 +138,10 @@ class EdgeMoEPolicy(_Usage):
     def _rank(self, key: ExpertKey) -> tuple:
         return (self.score(key), self.last_use.get(key, 0), key)
 
-    def victim(self, candidates: Collection[ExpertKey]) -> ExpertKey:
+    def _lowest(self, candidates: Collection[ExpertKey]) -> ExpertKey:
         """`_rank`'s minimum, with each layer's distance worked out once per call instead of once per
         candidate: the cache asks on every eviction, over every unleased resident expert (hundreds)."""
-        if not candidates:
-            raise OffloadError(f"{self.name} policy asked for a victim among no candidates")
-        n = len(self.moe_layers)
-        distance = {layer: (i - self._current - 1) % n + 1 for layer, i in self._index.items()}
+        distance = {layer: self._steps_to(i) for layer, i in self._index.items()}
         frequency, last_use = self.frequency, self.last_use
         keys = list(candidates)
         try:
