@@ -55,7 +55,7 @@ def test_decoding_from_an_fp16_cache_reuses_its_scratch(tiny) -> None:
 
 def _fresh_binding_step(trunk: Trunk, n: int, x: np.ndarray, cache) -> tuple[np.ndarray, np.ndarray]:
     """One position through a binding built for this call alone (the prefill path with S = 1)."""
-    return trunk._attention_calls[n]._prefill(x, cache.length, (cache.ort_keys[n], cache.ort_values[n]))
+    return trunk._attention_calls[n]._prefill(n, x, cache)
 
 
 def test_the_reused_decode_binding_equals_a_fresh_one_and_follows_a_grown_cache(tiny) -> None:

@@ -3,8 +3,8 @@ KV cache it writes, and the Small bundle end to end (token-exact with the refere
 
 The graph computes in the absorbed form over a cache of [c | k_pe] (576 values a position at full size);
 the reference (`edgemoe.reference.mla`, itself checked against transformers' DeepseekV2Attention in
-test_reference_deepseek.py) computes in the expanded form. Run as the runtime runs it: ONE buffer per
-layer bound to past_key, past_value, present_key and present_value.
+test_reference_deepseek.py) computes in the expanded form. Run as the runtime runs it: through
+`AttentionCall`, the cache's valid rows bound as past_latent and its next rows as new_latent.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from edgemoe.bundle import Bundle
 from edgemoe.export import components
 from edgemoe.export.latent_attention_graph import build_latent_attention
-from edgemoe.export.onnx_ops import io_signature, run_bound, session
+from edgemoe.export.onnx_ops import io_signature, session
 from edgemoe.export.options import ExportOptions
 from edgemoe.export.pipeline import export_bundle
 from edgemoe.families.deepseek_vl2_files import config_json
@@ -28,6 +28,7 @@ from edgemoe.quant.schemes import Precision, Scheme
 from edgemoe.reference import ReferenceModel
 from edgemoe.reference.generate import greedy_generate
 from edgemoe.runtime import ask
+from edgemoe.runtime.attention_call import AttentionCall
 from edgemoe.runtime.kv_cache import KVCache
 from test_runtime_fixtures import image_input, one_expert_bytes, prompt_ids, run_engine, tiny  # noqa: F401
 
@@ -54,52 +55,71 @@ def _layer_tensors(ckpt: Checkpoint, n: int) -> dict[str, np.ndarray]:
     return components.weights(ckpt, f"layers.{n}.", lambda k: k.startswith(("attn_norm.", "attn.", "mlp_norm.")))
 
 
+@pytest.mark.parametrize("kv_cache", ["fp32", "fp16"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label)
-def test_latent_attention_matches_the_reference_in_one_shared_cache(small, scheme: Scheme) -> None:
+def test_latent_attention_matches_the_reference_through_the_runtimes_call(small, scheme: Scheme, kv_cache) -> None:
+    """Prefill, two decoded tokens and a later chunk, each through `AttentionCall` (the valid rows bound
+    as past_latent, the next rows as new_latent): h, m and the cache rows equal the reference's, and no
+    row past the context is read or written (NaN there would poison the scores)."""
     _, ckpt, ref, _ = small
     cfg, m = ckpt.config, ckpt.config.mla
-    model = build_latent_attention(cfg, _layer_tensors(ckpt, LAYER), scheme)
-    if scheme.precision.is_integer:  # q|kv_a fused, o, and W_uk / W_uv per head
-        assert sum(n.op_type in QUANTIZED_OPS[scheme.precision] for n in model.graph.node) == 2 + 2 * cfg.num_heads
-    sess = session(model)
+    model = build_latent_attention(cfg, _layer_tensors(ckpt, LAYER), scheme, kv_cache=kv_cache)
+    if scheme.precision.is_integer:  # q|kv_a fused and o; W_uk / W_uv stay float (batched over heads)
+        assert sum(n.op_type in QUANTIZED_OPS[scheme.precision] for n in model.graph.node) == 2
+    call = AttentionCall(session(model), "attn")
+    assert call.rows
+    cache = KVCache(1, cfg.kv_layout, MAX, "float16" if kv_cache == "fp16" else "float32")
+    cache.keys[0][...] = np.nan
     layer, rng = ref.layers[LAYER], np.random.default_rng(1)
-    cache = np.full((1, 1, MAX, m.kv_lora_rank + m.qk_rope_head_dim), np.nan, np.float32)  # NaN: never read
     past_c = past_pe = None
-    total = 0
-    tol = 1e-4 if scheme.precision is Precision.FP32 else None
+    exact = scheme.precision is Precision.FP32 and kv_cache == "fp32"
     for n in STEPS:
-        x = rng.standard_normal((1, n, cfg.hidden_size)).astype(np.float32)
-        pos = np.arange(ROPE_OFFSET + total, ROPE_OFFSET + total + n, dtype=np.int64)
-        total += n
+        x = rng.standard_normal((n, cfg.hidden_size)).astype(np.float32)
+        start = cache.length
+        pos = torch.arange(start, start + n)[None]
         with torch.no_grad():
-            h, mlp_in, c, pe = layer.attention_block(torch.from_numpy(x), torch.from_numpy(pos)[None], past_c, past_pe)
+            h, mlp_in, c, pe = layer.attention_block(torch.from_numpy(x)[None], pos, past_c, past_pe)
+        if kv_cache == "fp16":  # the reference attends over the rows as the cache holds them
+            c, pe = c.half().float(), pe.half().float()
         past_c = c if past_c is None else torch.cat((past_c, c), dim=2)
         past_pe = pe if past_pe is None else torch.cat((past_pe, pe), dim=2)
-        feeds = {"x": x, "position_ids": pos, "seqlens_k": np.array([total - 1], np.int32),
-                 "total_len": np.array(total, np.int32)}
-        # Both names wrap the one array: a single buffer bound to past/present keys and values.
-        out = run_bound(sess, feeds, {"past_key": cache, "past_value": cache})
-        got_h, got_m = out["h"], out["m"]
-        want_cache = torch.cat((past_c, past_pe), dim=-1).numpy()  # [1, 1, total, R + P]
-        what = f"{scheme.label} after {total} tokens"
-        for got, want, part in ((got_h - x, h.numpy() - x, "h - x"), (got_m, mlp_in.numpy(), "m"),
-                                (cache[:, :, :total], want_cache, "latent cache")):
-            if tol is not None:
-                assert float(np.abs(got - want).max()) < tol, f"{what}: {part}"
+        got_h, got_m = call(0, x, cache)
+        cache.advance(n)
+        want_cache = torch.cat((past_c, past_pe), dim=-1).numpy()[0, 0]  # [total, R + P]
+        what = f"{scheme.label}, {kv_cache} cache, after {cache.length} tokens"
+        for got, want, part in ((got_h - x, h.numpy()[0] - x, "h - x"), (got_m, mlp_in.numpy()[0], "m"),
+                                (cache.keys[0][0, 0, :cache.length].astype(np.float32), want_cache, "latent cache")):
+            if exact:
+                assert float(np.abs(got - want).max()) < 1e-4, f"{what}: {part}"
             else:
-                scheme.tolerance.check(got, want, f"{what}: {part}")
-        assert np.isnan(cache[:, :, total:]).all()  # written in place, and only rows < total
+                tol = scheme.tolerance if scheme.precision.is_integer else Scheme.default(Precision.FP16).tolerance
+                tol.check(got, want, f"{what}: {part}")
+        assert np.isnan(cache.keys[0][0, 0, cache.length:]).all()  # written in place, and only rows < total
 
 
-def test_latent_attention_signature_caches_the_latent_once(small) -> None:
+def test_prefill_in_one_chunk_or_two_gives_the_same_rows_and_outputs(small) -> None:
+    """The new rows attend to the past and causally to each other: a prompt in one call equals the
+    same prompt in two (the chunked prefill the engine runs), to float rounding."""
     _, ckpt, _, _ = small
     cfg = ckpt.config
-    inputs, outputs = io_signature(build_latent_attention(cfg, _layer_tensors(ckpt, LAYER), SCHEMES[0],
-                                                          max_positions=64))
+    call = AttentionCall(session(build_latent_attention(cfg, _layer_tensors(ckpt, LAYER), SCHEMES[0])), "attn")
+    x = np.random.default_rng(2).standard_normal((9, cfg.hidden_size)).astype(np.float32)
+    whole, parts = (KVCache(1, cfg.kv_layout, MAX) for _ in range(2))
+    h_whole, _ = call(0, x, whole)
+    h_first, _ = call(0, x[:4], parts)
+    parts.advance(4)
+    h_rest, _ = call(0, x[4:], parts)
+    np.testing.assert_allclose(np.concatenate([h_first, h_rest]), h_whole, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(parts.keys[0][0, 0, :9], whole.keys[0][0, 0, :9], rtol=0, atol=1e-6)
+
+
+def test_latent_attention_signature_reads_and_writes_latent_rows(small) -> None:
+    _, ckpt, _, _ = small
+    cfg = ckpt.config
+    inputs, outputs = io_signature(build_latent_attention(cfg, _layer_tensors(ckpt, LAYER), SCHEMES[0]))
     width = str(cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)
-    cache = ("1", "1", "64", width)
-    assert [i.shape for i in inputs if i.name.startswith("past_")] == [cache, cache]
-    assert [o.shape for o in outputs if o.name.startswith("present_")] == [cache, cache]
+    assert [(i.name, i.shape) for i in inputs if i.name.startswith("past")] == [("past_latent", ("1", "T", width))]
+    assert [(o.name, o.shape) for o in outputs if "latent" in o.name] == [("new_latent", ("1", "S", width))]
 
 
 def test_the_runtime_cache_holds_576_values_a_position_at_full_small_size(tmp_path) -> None:

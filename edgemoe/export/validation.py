@@ -9,9 +9,9 @@ abs error against the absolute tolerance it implies (allowed rel_max x max|refer
 relative errors and their allowances in the metric string (`bundle_report.parse_metric` reads them), so
 `Validation.passed` means exactly what the check enforced on max error.
 
-Runners feed graphs the way the runtime will: `run_attention` binds one preallocated cache buffer
-as both past and present (IOBinding) and runs a prefill of all but the last token followed by a
-one-token decode on that cache, so the in-place KV update is validated, not only the prefill.
+Runners feed graphs the way the runtime will: `run_attention` calls an attention graph through the
+runtime's own `AttentionCall` on a preallocated cache, a prefill of all but the last token followed by
+a one-token decode, so the in-place KV update is validated, not only the prefill.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.model.config import KVLayout
 from edgemoe.quant.schemes import Precision, Tolerance, TOLERANCES
 from edgemoe.offload.sessions import cache_dtype
+from edgemoe.runtime.attention_call import AttentionCall
+from edgemoe.runtime.kv_cache import KVCache
 
 
 class GraphValidationError(EdgeMoEError):
@@ -105,39 +107,24 @@ def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str
 
 
 def _cache_length(sess: ort.InferenceSession, needed: int) -> int:
-    dims = {i.name: i.shape for i in sess.get_inputs()}["past_key"]
+    """The positions a cache buffer must hold: a graph that fixes its cache length gets exactly that."""
+    dims = {i.name: i.shape for i in sess.get_inputs()}.get("past_key", [None] * 4)
     return dims[2] if isinstance(dims[2], int) else needed
 
 
 def run_attention(sess: ort.InferenceSession, x: np.ndarray, layout: KVLayout) -> dict[str, np.ndarray]:
-    """h and m [1, S, H] of an attention graph on x [1, S, H]: prefill S-1 tokens, then decode one.
-
-    One zeroed buffer per cache is bound as past_X and present_X (in place, as the runtime binds it);
-    a shared layout (MLA's latent) binds one buffer to all four, as the runtime does."""
+    """h and m [1, S, H] of an attention graph on x [1, S, H]: prefill S-1 tokens, then decode one,
+    through the runtime's own call (`runtime.attention_call`) on a zeroed cache of the graph's type."""
     s = x.shape[1]
     max_len = _cache_length(sess, s)
     if max_len < s:
         raise GraphValidationError(f"attention cache holds {max_len} positions, the validation sequence {s}")
-    dtype = cache_dtype(sess)
-    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, layout.heads, max_len, layout.dim), dtype))
-               for _ in range(1 if layout.shared else 2)]
-    caches = {"key": buffers[0], "value": buffers[-1]}
+    cache, call = KVCache(1, layout, max_len, cache_dtype(sess)), AttentionCall(sess, "attention")
     steps = [(0, s - 1), (s - 1, s)] if s > 1 else [(0, s)]
     outs: dict[str, list[np.ndarray]] = {"h": [], "m": []}
     for start, stop in steps:
-        binding = sess.io_binding()
-        binding.bind_cpu_input("x", np.ascontiguousarray(x[:, start:stop]))
-        binding.bind_cpu_input("position_ids", np.arange(start, stop, dtype=np.int64))
-        binding.bind_cpu_input("seqlens_k", np.array([stop - 1], dtype=np.int32))
-        binding.bind_cpu_input("total_len", np.array(stop, dtype=np.int32))
-        for name, value in caches.items():
-            binding.bind_ortvalue_input(f"past_{name}", value)
-            binding.bind_ortvalue_output(f"present_{name}", value)
-        # Outputs into arrays of our own: ORT writes them in place, so nothing depends on binding order.
-        arrays = {name: np.empty((1, stop - start, x.shape[2]), np.float32) for name in outs}
-        for name, arr in arrays.items():
-            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
-        sess.run_with_iobinding(binding)
-        for name, arr in arrays.items():
-            outs[name].append(arr)
+        h, m = call(0, x[0, start:stop], cache)
+        cache.advance(stop - start)
+        outs["h"].append(h[None])
+        outs["m"].append(m[None])
     return {k: np.concatenate(v, axis=1) for k, v in outs.items()}

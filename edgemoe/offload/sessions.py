@@ -210,8 +210,9 @@ _CACHE_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
 def cache_dtype(sess: Any) -> str:
-    """The numpy dtype of an attention graph's KV cache (its `past_key` input): float32 or float16."""
-    kind = next(i.type for i in sess.get_inputs() if i.name == "past_key")
+    """The numpy dtype of an attention graph's KV cache (its `past_key` input, or `past_latent` for the
+    rows interface of runtime.attention_call): float32 or float16."""
+    kind = next(i.type for i in sess.get_inputs() if i.name in ("past_key", "past_latent"))
     try:
         return _CACHE_TYPES[kind]
     except KeyError:

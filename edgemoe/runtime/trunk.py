@@ -14,10 +14,10 @@ vision tower's session, which runs once per image; `encode_image` reopens it whe
     dense_mlp(n, m [S, H])            -> [S, H]
     head(h [S, H])                    -> fp32 logits [S, V]
 
-`attention` binds the layer's preallocated cache buffer as both past_key and present_key (and
-values) through IOBinding, so ORT writes the S new rows at positions length..length+S-1 and copies
-nothing (onnxruntime-notes.md: a past -> present graph otherwise copies the whole cache per token);
-a decoded token reuses one binding per layer (`runtime.attention_call`).
+`attention` binds the layer's preallocated cache buffer through IOBinding (as both past_key and
+present_key, or for MLA's rows interface its valid rows as input and the next S rows as output), so ORT
+writes the S new rows at positions length..length+S-1 and copies nothing (onnxruntime-notes.md: a
+past -> present graph otherwise copies the whole cache per token); a decoded token reuses one binding per layer (`runtime.attention_call`).
 Attention sessions allocate from one shared arena (`offload.sessions.shared_arena_options`: an fp16
 cache's per-call scratch would otherwise fault in fresh memory every token), shrunk after each prefill.
 It does not advance the cache: the engine does, once every layer has written.
@@ -36,7 +36,7 @@ from edgemoe.model.config import ModelConfig
 from edgemoe.model.image import ImageInput
 from edgemoe.model.safetensors_io import SafetensorsFile
 from edgemoe.page_cache import drop_cached
-from edgemoe.runtime.attention_call import AttentionCall
+from edgemoe.runtime.attention_call import AttentionCall, uses_rows
 from edgemoe.runtime.embedding import MappedEmbedding
 from edgemoe.runtime.kv_cache import KVCache
 from edgemoe.runtime.sessions import (RuntimeGraphError, cache_dtype, one_line, session_options, shared_arena_options,
@@ -141,6 +141,12 @@ class Trunk:
         if len(dtypes) > 1:
             raise RuntimeGraphError(f"the attention graphs disagree on the KV cache's type ({', '.join(sorted(dtypes))})")
         for n, sess in enumerate(self.attn):
+            if uses_rows(sess):  # [1, T, W]: the valid rows of one shared buffer
+                width = next(i.shape for i in sess.get_inputs() if i.name == "past_latent")[2]
+                if not layout.shared or width != layout.heads * layout.dim:
+                    raise RuntimeGraphError(f"graph layer{n}.attn reads cache rows of {width} values, expected "
+                                            f"one shared buffer of {layout.heads * layout.dim}")
+                continue
             shape = next(i.shape for i in sess.get_inputs() if i.name == "past_key")
             if shape[1] != layout.heads or shape[3] != layout.dim:
                 raise RuntimeGraphError(f"graph layer{n}.attn has a cache of shape {shape}, expected "
