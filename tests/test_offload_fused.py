@@ -183,3 +183,29 @@ def test_a_budgeted_run_refuses_to_prepare_the_fused_store_and_runs_once_it_is(t
     budgeted = ask_cli("--memory-budget", "4GB")
     assert budgeted.returncode == 0, budgeted.stderr
     assert json.loads(budgeted.stdout)["token_ids"] == json.loads(prepared.stdout)["token_ids"]
+
+
+def test_prepacked_graphs_are_read_without_the_onnx_package(tiny) -> None:
+    """The runtime reads where prepacked blobs lie with its own wire-format reader (the `onnx` package
+    costs about 11 MB of private memory a process): the reader's entries equal onnx's own, and a run on
+    prepared fused and mapped stores never imports onnx."""
+    import onnx
+
+    from edgemoe.bundle.onnx_wire import external_data
+
+    bundle = tiny.bundle(FAMILY, "int4")
+    ask(bundle, "What?", tiny.image, max_tokens=2, expert_store="fused")  # prepares both on first use
+    ask(bundle, "What?", tiny.image, max_tokens=2, expert_store="mapped")
+    b = Bundle.open(bundle)
+    graph = PrepackedGraphs().path(layer_key(b, b.manifest.model_config().moe.layers[0]))
+    for path in (graph, b.graph_path("layer0.attn")):
+        model = onnx.load(str(path), load_external_data=False)
+        want = [(t.name, {e.key: e.value for e in t.external_data}) for t in model.graph.initializer]
+        assert external_data(path) == want and any(entries for _, entries in want) == (path == graph)
+    script = ("import sys; from edgemoe.runtime import ask\n"
+              f"for store in ('fused', 'mapped'): ask({str(bundle)!r}, 'What?', {str(tiny.image)!r}, max_tokens=2, "
+              "expert_store=store, memory_budget='4GB')\n"
+              "print(sorted(m for m in sys.modules if m == 'onnx' or m.startswith('onnx.')))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"

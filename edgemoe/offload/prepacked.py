@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.bundle.ledger import HashLedger, file_identity
+from edgemoe.bundle.onnx_wire import external_data
 from edgemoe.cache_dir import cache_root
 from edgemoe.page_cache import drop_cached, sync_and_drop
 
@@ -150,12 +151,8 @@ def data_file(graph: Path) -> Path:
 def mapped_bytes(graph: Path) -> int:
     """Bytes a session on `graph` maps from its data file, page-rounded: each packed blob, and each
     external tensor that no packed blob replaces (ORT maps those as they are)."""
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
     total = 0
-    for tensor in model.graph.initializer:
-        entries = {e.key: e.value for e in tensor.external_data}
+    for _, entries in external_data(graph):
         packed = [v for k, v in entries.items() if k.startswith(PREPACKED_KEY)]
         if packed:
             total += sum(pages_spanned(*_packed_extent(v)) for v in packed)

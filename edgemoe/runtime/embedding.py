@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemoe.bundle.onnx_wire import fields, graph_span, packed_varints, string
 from edgemoe.page_cache import will_need
 
 _DTYPES = {10: np.float16, 1: np.float32}  # onnx.TensorProto.FLOAT16, FLOAT
-# Field numbers (onnx.proto): ModelProto.graph 7; GraphProto node 1, initializer 5, input 11;
-# NodeProto input 1, output 2, op_type 4; TensorProto dims 1, data_type 2, name 8, raw_data 9,
-# external_data 13, data_location 14; ValueInfoProto name 1.
+# Field numbers: edgemoe.bundle.onnx_wire.
 
 
 @dataclass(frozen=True)
@@ -64,18 +63,18 @@ class MappedEmbedding:
 
 def _table(data: memoryview) -> tuple[int, type, int, int] | None:
     """(offset of raw_data, dtype, rows, cols) when the file is the plain Gather -> Cast graph."""
-    graph = next((span for field, span in _fields(data, 0, len(data)) if field == 7), None)
+    graph = graph_span(data)
     if graph is None:
         return None
     nodes, inits, inputs = [], [], []
-    for field, (start, end) in _fields(data, *graph):
+    for field, (start, end) in fields(data, *graph):
         {1: nodes, 5: inits, 11: inputs}.get(field, []).append((start, end))
     ops = [_node(data, *n) for n in nodes]
     kinds = [op for op, _, _ in ops]
     if kinds not in (["Gather"], ["Gather", "Cast"]) or len(inits) != 1 or len(inputs) != 1:
         return None
     _, gather_in, gather_out = ops[0]
-    ids_name = _string(data, *next(s for f, s in _fields(data, *inputs[0]) if f == 1))
+    ids_name = string(data, *next(s for f, s in fields(data, *inputs[0]) if f == 1))
     tensor = _tensor(data, *inits[0])
     if (len(ops) == 2 and ops[1][1] != gather_out[:1]) or len(gather_in) != 2 or gather_in[1] != ids_name \
             or tensor is None or gather_in[0] != tensor[0]:
@@ -91,68 +90,25 @@ def _table(data: memoryview) -> tuple[int, type, int, int] | None:
 
 def _node(data: memoryview, start: int, end: int) -> tuple[str, list[str], list[str]]:
     op, inputs, outputs = "", [], []
-    for field, span in _fields(data, start, end):
+    for field, span in fields(data, start, end):
         if field == 4:
-            op = _string(data, *span)
+            op = string(data, *span)
         elif field in (1, 2):
-            (inputs if field == 1 else outputs).append(_string(data, *span))
+            (inputs if field == 1 else outputs).append(string(data, *span))
     return op, inputs, outputs
 
 
 def _tensor(data: memoryview, start: int, end: int) -> tuple[str, int, list[int], tuple[int, int] | None] | None:
     name, dtype, dims, raw = "", 0, [], None
-    for field, span in _fields(data, start, end, varints=True):
+    for field, span in fields(data, start, end, varints=True):
         if field == 8:
-            name = _string(data, *span)
+            name = string(data, *span)
         elif field == 2:
             dtype = span
         elif field == 1:  # dims: one varint each, or packed
-            dims += [span] if isinstance(span, int) else _packed(data, *span)
+            dims += [span] if isinstance(span, int) else packed_varints(data, *span)
         elif field == 9:
             raw = span
         elif field in (13, 14):  # external data: not in this file
             return None
     return name, dtype, dims, raw
-
-
-def _fields(data: memoryview, start: int, end: int, varints: bool = False):
-    """(field number, (start, end) of a length-delimited value, or the varint's value when `varints`)."""
-    at = start
-    while at < end:
-        key, at = _varint(data, at)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, at = _varint(data, at)
-            if varints:
-                yield field, value
-        elif wire == 2:
-            length, at = _varint(data, at)
-            yield field, (at, at + length)
-            at += length
-        elif wire in (1, 5):
-            at += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-
-
-def _varint(data: memoryview, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
-
-
-def _packed(data: memoryview, start: int, end: int) -> list[int]:
-    out, at = [], start
-    while at < end:
-        value, at = _varint(data, at)
-        out.append(value)
-    return out
-
-
-def _string(data: memoryview, start: int, end: int) -> str:
-    return bytes(data[start:end]).decode("utf-8")
