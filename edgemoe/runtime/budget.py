@@ -120,8 +120,17 @@ def decode_activation(cfg: ModelConfig, positions: int) -> int:
 
 
 def _decoder_transient(cfg: ModelConfig, chunk: int, positions: int) -> int:
-    """Bytes (fp32) a decoder layer holds for a chunk of `chunk` rows over `positions` of context."""
-    return 4 * (chunk * (10 * cfg.hidden_size + 3 * cfg.intermediate_size) + cfg.num_heads * chunk * positions)
+    """Bytes (fp32) a decoder layer holds for a chunk of `chunk` rows over `positions` of context.
+
+    The attention graph's per-row query-side tensors are heads x the cached row's width: the hidden
+    size for MHA/GQA, but 16 x 576 = 9,216 for MLA's absorbed form (each head's query, attention output
+    and weighted latent are as wide as a cached latent row). Three such tensors live at once beyond what
+    10 x hidden covers: the attention graph of full-size DeepSeek-VL2-Small held 89.0 MB above its
+    baseline over a chunked 1,040-position prefill (this formula gives 93.6 MB; without the term 71.6),
+    StableLM-2's GQA graph 46.3 MB at 650 positions (59.6 MB; the term is 0 there)."""
+    wide = max(0, cfg.num_heads * cfg.kv_layout.dim - cfg.hidden_size)
+    rows = 10 * cfg.hidden_size + 3 * cfg.intermediate_size + 3 * wide
+    return 4 * (chunk * rows + cfg.num_heads * chunk * positions)
 
 
 def prefill_activation(bundle: Bundle, positions: int) -> int:
