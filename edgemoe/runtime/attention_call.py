@@ -99,9 +99,9 @@ class AttentionCall:
         h, m = binding.get_outputs()[:2]
         return h.numpy()[0], m.numpy()[0]
 
-    def _decode_step(self, n: int, x: np.ndarray, cache: KVCache, shrink: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        buffers = (cache.ort_keys[n], cache.ort_values[n])
-        if self._decode is None or (not self.rows and any(a is not b for a, b in zip(self._bound_to, buffers))):
+    def _decode_step(self, n: int, x: np.ndarray, cache: KVCache,
+                     shrink: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        if self._decode is None or self._replaced(n, cache):
             self._build_decode(x.shape[1], n, cache)
         start = cache.length
         self._x[0] = x  # the bound arrays are read by ORT at run time: write, then run
@@ -112,6 +112,12 @@ class AttentionCall:
             self._bind_cache(self._decode, n, cache, 1)
         self._run(self._decode, shrink_arena() if shrink else None)
         return self._h[0].copy(), self._m[0].copy()
+
+    def _replaced(self, n: int, cache: KVCache) -> bool:
+        """Whether the in-place binding's cache buffers were replaced (a reserve grew them); the rows
+        interface re-points its ports every call instead."""
+        buffers = (cache.ort_keys[n], cache.ort_values[n])
+        return not self.rows and any(a is not b for a, b in zip(self._bound_to, buffers))
 
     def _build_decode(self, hidden: int, n: int, cache: KVCache) -> None:
         self._x, self._h, self._m = (np.zeros((1, 1, hidden), np.float32) for _ in range(3))
