@@ -22,7 +22,7 @@ from pathlib import Path
 # TensorProto dims 1, data_type 2, name 8, raw_data 9, external_data 13, data_location 14;
 # ValueInfoProto name 1; StringStringEntryProto key 1, value 2.
 MODEL_GRAPH, GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT = 7, 1, 5, 11
-TENSOR_NAME, TENSOR_EXTERNAL_DATA = 8, 13
+TENSOR_NAME, TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 8, 13, 14
 
 
 def fields(data: memoryview, start: int, end: int, varints: bool = False) -> Iterator[tuple[int, object]]:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemoe.bundle.onnx_wire import fields, graph_span, packed_varints, string
+from edgemoe.bundle.onnx_wire import (GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_NODE, TENSOR_DATA_LOCATION,
+                                      TENSOR_EXTERNAL_DATA, TENSOR_NAME, fields, graph_span, packed_varints, string)
 from edgemoe.page_cache import will_need
 
 _DTYPES = {10: np.float16, 1: np.float32}  # onnx.TensorProto.FLOAT16, FLOAT
@@ -68,7 +69,7 @@ def _table(data: memoryview) -> tuple[int, type, int, int] | None:
         return None
     nodes, inits, inputs = [], [], []
     for field, (start, end) in fields(data, *graph):
-        {1: nodes, 5: inits, 11: inputs}.get(field, []).append((start, end))
+        {GRAPH_NODE: nodes, GRAPH_INITIALIZER: inits, GRAPH_INPUT: inputs}.get(field, []).append((start, end))
     ops = [_node(data, *n) for n in nodes]
     kinds = [op for op, _, _ in ops]
     if kinds not in (["Gather"], ["Gather", "Cast"]) or len(inits) != 1 or len(inputs) != 1:
@@ -101,7 +102,7 @@ def _node(data: memoryview, start: int, end: int) -> tuple[str, list[str], list[
 def _tensor(data: memoryview, start: int, end: int) -> tuple[str, int, list[int], tuple[int, int] | None] | None:
     name, dtype, dims, raw = "", 0, [], None
     for field, span in fields(data, start, end, varints=True):
-        if field == 8:
+        if field == TENSOR_NAME:
             name = string(data, *span)
         elif field == 2:
             dtype = span
@@ -109,6 +110,6 @@ def _tensor(data: memoryview, start: int, end: int) -> tuple[str, int, list[int]
             dims += [span] if isinstance(span, int) else packed_varints(data, *span)
         elif field == 9:
             raw = span
-        elif field in (13, 14):  # external data: not in this file
+        elif field in (TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION):  # external data: not in this file
             return None
     return name, dtype, dims, raw
