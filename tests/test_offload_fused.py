@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,9 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.keys import ExpertKey
 from edgemoe.model.routing_rule import select
 from edgemoe.offload import OnnxExpertStore
-from edgemoe.offload.fused import FusedExperts, fused_layers_prepared, layer_key
+from edgemoe.offload.fused import FusedExperts
+from edgemoe.offload.fused_graph import fused_layers_prepared, layer_key
+from edgemoe.offload.footprint import measure_footprint, model_files
 from edgemoe.offload.mapped import mapped_store_supported
 from edgemoe.offload.prepacked import PAGE, PrepackedGraphs, machine_signature
 from edgemoe.offload.sessions import session_factory
@@ -86,6 +90,7 @@ def test_paged_fused_answers_equal_resident_at_every_expert_budget(tiny) -> None
                          "--max-tokens", "2")
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert f"a layer's {store.experts_together} largest experts at once: the minimum is {together} bytes" in result.stderr
+    assert "--expert-store mapped pages one expert at a time" in result.stderr  # the way below that minimum
 
 
 def _page_cache_is_droppable(directory: Path) -> bool:
@@ -163,26 +168,67 @@ def test_under_a_budget_a_layer_runs_with_its_chosen_experts_leased_and_nothing_
         assert all(pages[k].resident() >= pages[k].nbytes - 4 * PAGE for k in cached)
 
 
-def test_a_budgeted_run_refuses_to_prepare_the_fused_store_and_runs_once_it_is(tiny, tmp_path) -> None:
-    """Preparing the fused layers holds a layer's experts and their packing in memory, outside what a
-    memory budget accounts for, so a budgeted run does not do it: one line says to run once without."""
+def _ask_cli(bundle: str, image: Path, cache: Path, *options: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgemoe.cli", "ask", bundle, "What?", "--image", str(image),
+                             "--max-tokens", "2", "--json", *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "EDGEMOE_CACHE_DIR": str(cache)})
+
+
+def test_a_first_budgeted_run_prepares_the_fused_store_within_its_budget(tiny, tmp_path, monkeypatch) -> None:
+    """A first run on a machine packs the fused layers before the model loads, so under --memory-budget
+    that step fits beside what the process holds then: the footprint, sampled from outside and with the
+    layers' files watched as soon as they exist, stays within a budget just above the run's own minimum,
+    and the answer is the one an unbudgeted run gives. A budget too small even for that step is refused
+    in one line, before anything is written."""
     bundle = str(tiny.bundle(FAMILY, "int4"))
-    env = {**os.environ, "EDGEMOE_CACHE_DIR": str(tmp_path / "cache")}
+    refused = _ask_cli(bundle, tiny.image, tmp_path / "a", "--memory-budget", "1MB")
+    _, err = refused.communicate(timeout=300)
+    assert refused.returncode == 2 and err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert "cannot prepare the fused experts for this machine" in err and "needs about" in err
+    assert not (tmp_path / "a" / "prepacked").exists()
+    warm = _ask_cli(bundle, tiny.image, tmp_path / "b")
+    out, err = warm.communicate(timeout=300)
+    assert warm.returncode == 0, err
+    unbudgeted = json.loads(out)
+    assert unbudgeted["stats"]["expert_store"] == "fused"  # auto picks fused for int4 SwiGLU experts
+    floor = _ask_cli(bundle, tiny.image, tmp_path / "b", "--memory-budget", "1MB")
+    _, err = floor.communicate(timeout=300)
+    minimum = int(re.search(r"minimum budget is (\d+) bytes", err).group(1))
+    budget = minimum + (24 << 20)  # RSS noise from run to run, as in test_footprint
+    monkeypatch.setenv("EDGEMOE_CACHE_DIR", str(tmp_path / "c"))  # model_files lists this cache's twins
+    first = _ask_cli(bundle, tiny.image, tmp_path / "c", "--memory-budget", str(budget))
+    peak, samples = 0, 0
+    while first.poll() is None:
+        now = measure_footprint(first.pid, model_files(bundle))  # re-listed: twins appear as they are written
+        if now is not None:
+            peak, samples = max(peak, now.total_bytes), samples + 1
+        time.sleep(0.01)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert json.loads(out)["token_ids"] == unbudgeted["token_ids"]
+    assert fused_layers_prepared(Bundle.open(bundle), PrepackedGraphs(tmp_path / "c" / "prepacked" / machine_signature()))
+    assert samples > 10 and 0 < peak <= budget, (peak, budget)
 
-    def ask_cli(*options: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "edgemoe.cli", "ask", bundle, "What?", "--image", str(tiny.image),
-                               "--expert-store", "fused", "--max-tokens", "2", "--json", *options],
-                              capture_output=True, text=True, timeout=300, env=env)
 
-    refused = ask_cli("--memory-budget", "4GB")
-    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
-    assert "not prepared on this machine yet" in refused.stderr and "Traceback" not in refused.stderr
-    assert not fused_layers_prepared(Bundle.open(bundle), PrepackedGraphs(tmp_path / "cache" / "prepacked" / machine_signature()))
-    prepared = ask_cli()
-    assert prepared.returncode == 0, prepared.stderr
-    budgeted = ask_cli("--memory-budget", "4GB")
-    assert budgeted.returncode == 0, budgeted.stderr
-    assert json.loads(budgeted.stdout)["token_ids"] == json.loads(prepared.stdout)["token_ids"]
+def test_auto_picks_fused_exactly_where_the_experts_can_be_fused(tiny) -> None:
+    """The default store depends on the bundle (and the machine), never on a budget: fused for int4
+    SwiGLU experts whose widths fit the int4 block, mapped otherwise, with the reason the wire-format
+    check gives matching the one building the layer gives."""
+    from edgemoe.offload.fused_graph import fused_refusal
+    from edgemoe.runtime.providers import resolve_store
+
+    if not mapped_store_supported():
+        pytest.skip("needs madvise and mincore (Linux)")
+    deepseek, stablelm, fp32 = (Bundle.open(tiny.bundle(FAMILY, "int4")), Bundle.open(tiny.bundle("stablelm", "int4")),
+                                Bundle.open(tiny.bundle(FAMILY)))
+    assert [resolve_store(b) for b in (deepseek, stablelm, fp32)] == ["fused", "mapped", "mapped"]
+    assert [resolve_store(deepseek, kind) for kind in ("mapped", "sessions", "fused")] == ["mapped", "sessions", "fused"]
+    assert fused_refusal(deepseek) is None
+    assert "divisible by the int4 block (64, " in fused_refusal(stablelm)
+    assert "needs int4 experts; this bundle's are fp32" in fused_refusal(fp32)
+    with pytest.raises(EdgeMoEError, match="divisible by the int4 block \\(64, "):
+        FusedExperts(stablelm)
+    assert ask(tiny.bundle(FAMILY, "int4"), "What?", tiny.image, max_tokens=2).stats.expert_store == "fused"
 
 
 def test_prepacked_graphs_are_read_without_the_onnx_package(tiny) -> None:
@@ -191,7 +237,7 @@ def test_prepacked_graphs_are_read_without_the_onnx_package(tiny) -> None:
     prepared fused and mapped stores never imports onnx."""
     import onnx
 
-    from edgemoe.bundle.onnx_wire import external_data
+    from edgemoe.bundle.onnx_wire import external_data, nodes
 
     bundle = tiny.bundle(FAMILY, "int4")
     ask(bundle, "What?", tiny.image, max_tokens=2, expert_store="fused")  # prepares both on first use
@@ -202,6 +248,11 @@ def test_prepacked_graphs_are_read_without_the_onnx_package(tiny) -> None:
         model = onnx.load(str(path), load_external_data=False)
         want = [(t.name, {e.key: e.value for e in t.external_data}) for t in model.graph.initializer]
         assert external_data(path) == want and any(entries for _, entries in want) == (path == graph)
+    expert = b.path_of(b.manifest.expert(ExpertKey(b.manifest.model_config().moe.layers[0], 0)))
+    model = onnx.load(str(expert), load_external_data=False)
+    want = [(len(n.input), {a.name: a.i for a in n.attribute if a.type == onnx.AttributeProto.INT})
+            for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nodes(expert, "MatMulNBits") == want and len(want) == 3 and all("block_size" in a for _, a in want)
     script = ("import sys; from edgemoe.runtime import ask\n"
               f"for store in ('fused', 'mapped'): ask({str(bundle)!r}, 'What?', {str(tiny.image)!r}, max_tokens=2, "
               "expert_store=store, memory_budget='4GB')\n"

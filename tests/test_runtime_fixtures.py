@@ -94,16 +94,24 @@ def copy_bundle(src: Path, dst: Path) -> Path:
     return dst
 
 
-def one_expert_bytes(bundle_path: Path, store: str = "auto") -> int:
-    """The largest expert as the store of kind `store` counts it (ask() uses "auto")."""
+def per_expert_store() -> str:
+    """The store that pages one expert at a time down to a single expert (a fused store needs a layer's
+    experts resident at once): what the tests with the tightest expert budgets run."""
+    from edgemoe.offload.mapped import mapped_store_supported
+
+    return "mapped" if mapped_store_supported() else "sessions"
+
+
+def one_expert_bytes(bundle_path: Path, store: str = "") -> int:
+    """The largest expert as the store of kind `store` counts it (default `per_expert_store()`)."""
     from edgemoe.runtime.providers import open_expert_store
 
-    experts = open_expert_store(Bundle.open(bundle_path), store)
+    experts = open_expert_store(Bundle.open(bundle_path), store or per_expert_store())
     return max(experts.size_of(key) for key in experts.keys())
 
 
 def run_engine(bundle_path: Path, image: Path, capacity_bytes: int | None = None, policy: str = "lru",
-               max_tokens: int = 12, ids: list[int] | None = None, store: str = "auto", routing: str = "model",
+               max_tokens: int = 12, ids: list[int] | None = None, store: str = "", routing: str = "model",
                gate: object | None = None, moe_out: list | None = None) -> tuple[list[int], list[np.ndarray], object]:
     """Greedy tokens and every step's logits from an engine over `make_provider(capacity, policy)`,
     and the provider's stats; `routing` as `runtime.routing.routers_for`, `gate` replaces the MoE
@@ -117,6 +125,7 @@ def run_engine(bundle_path: Path, image: Path, capacity_bytes: int | None = None
     bundle = Bundle.open(bundle_path)
     cfg, manifest = bundle.manifest.model_config(), bundle.manifest
     trunk = Trunk.open(bundle)
+    store = store or per_expert_store()  # capacities down to one expert
     provider = make_provider(bundle, capacity_bytes, policy, open_expert_store(bundle, store))
     try:
         routers = routers_for(Routers.load(bundle.path_of("routers.safetensors"), cfg.moe.layers, cfg.moe.routing),

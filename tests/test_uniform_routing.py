@@ -11,7 +11,7 @@ from edgemoe.model.routing_rule import RoutingRule
 from edgemoe.runtime import ChatSession, GenerationOptions
 from edgemoe.runtime.routing import Routers, UniformRouters, routers_for
 from edgemoe.offload.predictor import HintGate
-from test_runtime_fixtures import one_expert_bytes, run_engine, tiny  # noqa: F401
+from test_runtime_fixtures import one_expert_bytes, per_expert_store, run_engine, tiny  # noqa: F401
 
 FAMILY = "deepseek-vl2-tiny"
 QUESTION = "What is in the image?"
@@ -69,7 +69,8 @@ def test_uniform_routing_answers_alike_at_every_budget_and_defeats_the_predictor
     model = _answer(bundle, tiny.image, expert_store="sessions")
     assert resident.stats.routing == "uniform" and model.stats.routing == "model"
     for experts in (6, 2):
-        paged = _answer(bundle, tiny.image, routing="uniform", expert_budget=experts * one_expert_bytes(bundle))
+        paged = _answer(bundle, tiny.image, routing="uniform", expert_budget=experts * one_expert_bytes(bundle),
+                        expert_store=per_expert_store())
         assert paged.token_ids == resident.token_ids, f"{experts} experts"
         assert paged.stats.cache_misses > 0
     again = _answer(bundle, tiny.image, routing="uniform", expert_store="sessions")

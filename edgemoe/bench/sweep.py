@@ -233,19 +233,15 @@ def run_edgemoe(ctx: SweepContext, expert: Budget | None, memory: Budget | None,
 
 def prepare_experts(bundle: Bundle, stores: tuple[str, ...]) -> None:
     """Write the prepacked graphs mapped and fused runs need (a first-run step, not a timed one)."""
-    from edgemoe.offload.mapped import mapped_store_supported
-    from edgemoe.runtime.providers import open_expert_store
+    from edgemoe.runtime.providers import open_expert_store, resolve_store
 
-    kinds = (["mapped"] if any(s in ("auto", "mapped") for s in stores) and mapped_store_supported() else [])
-    kinds += [FUSED] if FUSED in stores else []
-    for kind in kinds:
+    for kind in sorted({resolve_store(bundle, s) for s in stores} - {"sessions"}):
         try:
             open_expert_store(bundle, kind).close()
         except EdgeMoEError as exc:  # each run reports it (or falls back) on its own
             log.warning("cannot prepare the %s experts for this machine: %s", kind, exc)
 
 
-FUSED = "fused"  # the store that runs each MoE layer's experts in one QMoE session, paged one expert at a time
 
 
 def planned_runs(options: BenchOptions) -> list[tuple[Budget | None, Budget | None, str, str]]:

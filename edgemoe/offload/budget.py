@@ -134,8 +134,13 @@ class ExpertBudget:
         if nbytes < largest:
             what = "the largest expert" if together <= 1 else f"a layer's {together} largest experts at once"
             raise BudgetError(f"expert budget {spec} ({format_bytes(nbytes)}) cannot hold {what}: "
-                              f"the minimum is {largest} bytes ({format_bytes(largest)})")
+                              f"the minimum is {largest} bytes ({format_bytes(largest)}){_one_at_a_time(together)}")
         return cls(min(nbytes, total), largest, total)
+
+
+def _one_at_a_time(together: int) -> str:
+    """The way out of a layer-at-once minimum (a fused store's), for a budget error's tail."""
+    return "" if together <= 1 else "; --expert-store mapped pages one expert at a time"
 
 
 @dataclass(frozen=True)
@@ -186,5 +191,5 @@ class MemoryBudget:
                 f"{format_bytes(self.baseline_bytes)} (trunk {format_bytes(self.trunk_bytes)}, KV cache "
                 f"{format_bytes(self.kv_cache_bytes)}, activations {format_bytes(self.activation_bytes)}, slack "
                 f"{format_bytes(self.slack_bytes)}) and {'one expert needs' if together <= 1 else f'{together} experts at once need'} {format_bytes(largest)}; "
-                f"the minimum budget is {minimum} bytes ({format_bytes(minimum)})")
+                f"the minimum budget is {minimum} bytes ({format_bytes(minimum)}){_one_at_a_time(together)}")
         return ExpertBudget(min(available, total), largest, total)

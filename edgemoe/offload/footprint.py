@@ -104,7 +104,7 @@ def model_files(bundle_dir: str | os.PathLike) -> list[Path]:
     """The bundle's files and this machine's prepacked twins of its experts and fused layers."""
     from edgemoe.bundle import Bundle
     from edgemoe.bundle.entries import MANIFEST_NAME
-    from edgemoe.offload.fused import layer_key
+    from edgemoe.offload.fused_graph import layer_key
     from edgemoe.offload.prepacked import PrepackedGraphs, data_file
 
     bundle = Bundle.open(bundle_dir, check_sizes=False)

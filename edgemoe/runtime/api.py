@@ -44,7 +44,8 @@ from edgemoe.runtime.engine import Engine, splice_positions
 from edgemoe.runtime.moe import MoELayer
 from edgemoe.runtime.prompt_cache import PromptCache
 from edgemoe.runtime.options import DEFAULT_MAX_TOKENS, GenerationOptions, resolve_memory_budget
-from edgemoe.runtime.providers import make_provider, open_expert_store, resident_sizes, store_kind
+from edgemoe.runtime.providers import (make_provider, open_expert_store, prepare_expert_store, resident_sizes,
+                                      store_kind)
 from edgemoe.runtime.routing import Routers, routers_for
 from edgemoe.runtime.routing_trace import RoutingTrace
 from edgemoe.runtime.sampling import Sampler
@@ -100,6 +101,9 @@ class ChatSession:
         self.stop_ids = () if eos is None else (int(eos),)
         self.conversation = self.new_conversation()
         self._check_image_count(len(self.images))
+        # A first run on this machine packs the fused experts now, while the process holds least (under a
+        # memory budget that step must fit it: `providers.prepare_expert_store`).
+        prepare_expert_store(self.bundle, options.expert_store, prepare_progress, self.memory_budget)
         # Under a memory budget the first image is encoded before the language model loads (start-up
         # then peaks at the larger of the two, not their sum).
         self.trunk = Trunk.open(self.bundle, language_model=self.memory_budget is None)
@@ -263,8 +267,7 @@ class ChatSession:
         if opts.routing_trace:
             moe.trace = RoutingTrace(opts.routing_trace)
         engine.warm_up()
-        store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress,  # before the baseline
-                                  may_prepare_fused=self.memory_budget is None)
+        store = open_expert_store(self.bundle, opts.expert_store, self._prepare_progress)  # before the baseline
         self.provider = moe.provider = self._provider(store, engine, prompt_positions)
         self.engine = engine
         self._load_s += time.monotonic() - t0

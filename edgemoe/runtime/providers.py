@@ -3,8 +3,13 @@
 Contract: `open_expert_store(bundle, kind)` picks where experts come from: "mapped" (prepacked
 sessions whose weight pages are paged, `edgemoe.offload.mapped`), "sessions" (a session built per
 load, `OnnxExpertStore`), "fused" (each layer's int4 experts in one QMoE session, paged
-one expert at a time, `edgemoe.offload.fused`), or "auto": mapped where
-this machine supports it and its cache directory is writable, sessions otherwise (logged). `make_provider(bundle, capacity, policy, store)` returns `edgemoe.offload.ResidentProvider` (every
+one expert at a time, `edgemoe.offload.fused`), or "auto" (`resolve_store`): fused where the
+bundle's experts can be fused (int4 SwiGLU, `fused_graph.fused_refusal`) and this machine maps
+prepacked weights, else mapped where it does, else sessions; a cache directory that cannot be
+written falls back down that list (logged). The choice depends on the bundle and the machine only,
+never on a budget, so one bundle's answers are the same at every budget. `prepare_expert_store`
+prepacks what a fused store lacks, first thing in a run (module `fused_graph`), and refuses in one
+line a memory budget too small for that step. `make_provider(bundle, capacity, policy, store)` returns `edgemoe.offload.ResidentProvider` (every
 expert loaded once) when no budget applies (capacity None), else an `OffloadingProvider` over the
 bundle's experts with a cache of `capacity` bytes and the named eviction policy. The runtime's MoE
 layer gives the hints itself (`moe.MoELayer`), so the provider gets no predictor of its own.
@@ -19,10 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from edgemoe.bundle import Bundle
 from edgemoe.offload import DEFAULT_LOADERS, DEFAULT_POLICY, POLICIES, OffloadingProvider, OnnxExpertStore, ResidentProvider
-from edgemoe.offload.errors import OffloadError, PrepareError
-from edgemoe.offload.fused import FusedExperts, fused_layers_prepared
+from edgemoe.offload.budget import format_bytes, parse_size
+from edgemoe.offload.errors import BudgetError, OffloadError, PrepareError
+from edgemoe.offload.fused import FusedExperts
+from edgemoe.offload.fused_graph import fused_layers_prepared, fused_refusal, prepare_fused_layers, preparation_bytes
 from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
 from edgemoe.offload.sessions import configure_process, session_factory
 
@@ -31,20 +40,58 @@ log = logging.getLogger(__name__)
 EXPERT_STORES = ("auto", "mapped", "sessions", "fused")
 
 
-def open_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[int, int], None] | None = None,
-                      may_prepare_fused: bool = True) -> Any:
-    """The bundle's expert store of `kind` (module docstring). `may_prepare_fused=False` (a run under a
-    memory budget) refuses, in one line, a fused store not yet prepared on this machine: preparing it
-    holds a layer's experts and their packing in memory, more than the budget accounts for."""
+def resolve_store(bundle: Bundle, kind: str = "auto") -> str:
+    """The store `kind` names; "auto" resolved for this bundle on this machine (module docstring)."""
     if kind not in EXPERT_STORES:
         raise OffloadError(f"unknown expert store {kind!r}: expected one of {', '.join(EXPERT_STORES)}")
+    if kind != "auto":
+        return kind
+    if not mapped_store_supported():
+        return "sessions"
+    refusal = fused_refusal(bundle)
+    if refusal is not None:
+        log.info("experts are paged one session each (mapped): %s", refusal)
+        return "mapped"
+    return "fused"
+
+
+def prepare_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[int, int], None] | None = None,
+                         memory_budget: str | int | None = None) -> None:
+    """Prepack the fused layers this machine lacks when `kind` resolves to fused (a first run's step,
+    done before the model loads). Under `memory_budget` the step must fit beside what the process
+    holds: BudgetError naming the minimum otherwise. Under auto, a cache that cannot be written is left
+    to `open_expert_store`'s fallback."""
+    if resolve_store(bundle, kind) != "fused" or fused_layers_prepared(bundle):
+        return
     configure_process()
-    if kind == "fused":  # each layer's experts in one QMoE session, paged per expert (edgemoe.offload.fused)
-        if not may_prepare_fused and not fused_layers_prepared(bundle):
-            raise OffloadError("--expert-store fused is not prepared on this machine yet, and preparing it takes more "
-                               "memory than --memory-budget accounts for: run once without --memory-budget first")
-        return FusedExperts(bundle, progress=progress)
-    if kind == "sessions" or (kind == "auto" and not mapped_store_supported()):
+    if memory_budget is not None:
+        need = psutil.Process().memory_info().rss + preparation_bytes(bundle)
+        if need > parse_size(memory_budget):
+            raise BudgetError(
+                f"memory budget {format_bytes(parse_size(memory_budget))} cannot prepare the fused experts for this "
+                f"machine (a first run's step that packs a layer's experts at once): it needs about "
+                f"{format_bytes(need)}; run once with at least that, or without --memory-budget, or choose "
+                f"--expert-store mapped")
+    try:
+        prepare_fused_layers(bundle, progress=progress)
+    except PrepareError as exc:
+        if kind == "fused":
+            raise
+        log.warning("%s; experts will be paged one session each instead", exc)
+
+
+def open_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[int, int], None] | None = None) -> Any:
+    """The bundle's expert store of `kind` (module docstring), prepared first if it must be."""
+    resolved = resolve_store(bundle, kind)
+    configure_process()
+    if resolved == "fused":
+        try:
+            return FusedExperts(bundle, progress=progress)
+        except PrepareError as exc:
+            if kind == "fused":
+                raise
+            log.warning("%s; experts will be paged one session each instead", exc)
+    if resolved == "sessions":
         return OnnxExpertStore(bundle, session_factory())
     try:
         return MappedExpertStore(bundle, progress=progress)
