@@ -46,6 +46,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edgemoe.attention_ports import NEW_ROWS, PAST_ROWS
 from edgemoe.export.onnx_ops import GraphBuilder, lower_checked, require_fp32, take
 from edgemoe.export.trunk_graphs import KV_ELEM, apply_rotary, rotary_tables
 from edgemoe.model.config import ModelConfig
@@ -126,7 +127,7 @@ def build_latent_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme
     b = GraphBuilder("latent_attention")
     x = b.input("x", F32, [1, "S", hid])
     pos = b.input("position_ids", TensorProto.INT64, ["S"])
-    past = b.input("past_latent", KV_ELEM[kv_cache], [1, "T", width])
+    past = b.input(PAST_ROWS, KV_ELEM[kv_cache], [1, "T", width])
 
     normed = b.norm(cfg.norm, x, "attn_norm", w, cfg.norm_eps)
     q_w, kv_a_w = take(w, "attn.q.weight"), take(w, "attn.kv_a.weight")
@@ -142,11 +143,11 @@ def build_latent_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme
     k_pe = apply_rotary(b, _deinterleave(b, pe_raw, 1, p, "k_pe"), 1, p, p, cos, sin, "k_pe")
     key = b.op("Concat", [c, k_pe], "latent_key", axis=-1)  # [1, S, R+P]: the new cache rows
     if kv_cache == "fp16":  # attend with the rows as the cache holds them (module docstring)
-        new_rows = b.op("Cast", [key], "new_latent", to=TensorProto.FLOAT16)
+        new_rows = b.op("Cast", [key], NEW_ROWS, to=TensorProto.FLOAT16)
         key = b.op("Cast", [new_rows], "latent_key_cached", to=F32)
         past = b.op("Cast", [past], "past_latent_f32", to=F32)
     else:
-        new_rows = b.op("Identity", [key], "new_latent")
+        new_rows = b.op("Identity", [key], NEW_ROWS)
 
     q4 = b.op("Reshape", [q, b.ints("q.heads", [0, 0, nh, m.q_head_dim])], "q_heads")
     q_nope, q_pe = b.op_multi("Split", [q4, b.ints("q.split", [n, p])], ["q_nope", "q_pe"], axis=-1)
@@ -171,5 +172,5 @@ def build_latent_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme
     b.norm(cfg.norm, h, "mlp_norm", w, cfg.norm_eps, out="m")
     for name in ("h", "m"):
         b.output(name, F32, [1, "S", hid])
-    b.output("new_latent", KV_ELEM[kv_cache], [1, "S", width])
+    b.output(NEW_ROWS, KV_ELEM[kv_cache], [1, "S", width])
     return lower_checked(b, scheme, expected=2, float_ok=ABSORBED)

@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from edgemoe.attention_ports import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, SEQLENS_K, TOTAL_LEN
 from edgemoe.export.onnx_ops import MS_DOMAIN, GraphBuilder, lower_checked, require_fp32, take
 from edgemoe.model.config import ModelConfig
 from edgemoe.quant.graphs import MlpWeights
@@ -113,7 +114,7 @@ def group_query_attention(b: GraphBuilder, q: str, k: str, v: str, past: tuple[s
         half = {t: b.op("Cast", [t], f"{t}_fp16", to=TensorProto.FLOAT16) for t in dict.fromkeys((q, k, v))}
         q, k, v = half[q], half[k], half[v]
     attn, _, _ = b.op_multi("GroupQueryAttention", [q, k, v, *past, *lengths],
-                            ["attn_kv" if kv_cache == "fp16" else "attn", "present_key", "present_value"],
+                            ["attn_kv" if kv_cache == "fp16" else "attn", PRESENT_KEY, PRESENT_VALUE],
                             domain=MS_DOMAIN, **attrs)
     if kv_cache == "fp16":
         b.declare(attn, TensorProto.FLOAT16, [1, "S", width])
@@ -136,8 +137,8 @@ def build_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Schem
     cache = [1, kvh, max_positions or "MAX", d]
     x = b.input("x", F32, [1, "S", hid])
     pos = b.input("position_ids", TensorProto.INT64, ["S"])
-    past_k, past_v = b.input("past_key", KV_ELEM[kv_cache], cache), b.input("past_value", KV_ELEM[kv_cache], cache)
-    seqlens_k, total = b.input("seqlens_k", TensorProto.INT32, [1]), b.input("total_len", TensorProto.INT32, [])
+    past_k, past_v = b.input(PAST_KEY, KV_ELEM[kv_cache], cache), b.input(PAST_VALUE, KV_ELEM[kv_cache], cache)
+    seqlens_k, total = b.input(SEQLENS_K, TensorProto.INT32, [1]), b.input(TOTAL_LEN, TensorProto.INT32, [])
 
     n = b.norm(cfg.norm, x, "attn_norm", w, cfg.norm_eps, out="m" if cfg.parallel_block else "")
     qkv_w, qkv_b = _fused_qkv(cfg, w)
@@ -154,7 +155,7 @@ def build_attention(cfg: ModelConfig, w: Mapping[str, np.ndarray], scheme: Schem
         b.norm(cfg.norm, h, "mlp_norm", w, cfg.norm_eps, out="m")
     for name, shape in (("h", [1, "S", hid]), ("m", [1, "S", hid])):
         b.output(name, F32, shape)
-    for name in ("present_key", "present_value"):
+    for name in (PRESENT_KEY, PRESENT_VALUE):
         b.output(name, KV_ELEM[kv_cache], cache)
     return lower_checked(b, scheme, expected=2)
 

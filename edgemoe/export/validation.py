@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from edgemoe.attention_ports import PAST_KEY
 from edgemoe.bundle import Validation
 from edgemoe.errors import EdgeMoEError
 from edgemoe.model.config import KVLayout
@@ -108,7 +109,7 @@ def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str
 
 def _cache_length(sess: ort.InferenceSession, needed: int) -> int:
     """The positions a cache buffer must hold: a graph that fixes its cache length gets exactly that."""
-    dims = {i.name: i.shape for i in sess.get_inputs()}.get("past_key", [None] * 4)
+    dims = {i.name: i.shape for i in sess.get_inputs()}.get(PAST_KEY, [None] * 4)
     return dims[2] if isinstance(dims[2], int) else needed
 
 

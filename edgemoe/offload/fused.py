@@ -4,7 +4,8 @@ Contract: `FusedExperts(bundle)` opens, for each MoE layer, one session on a gra
 `com.microsoft.QMoE` node holds the layer's experts stacked, built from the bundle's own int4 expert
 graphs and prepacked once per machine (`offload.fused_graph`, which prepares what is missing first).
 Nothing is re-quantized, so a fused layer computes what the expert sessions compute up to summation
-order. Its packed weights are mapped from the prepacked file, as the mapped store's are. `run_layer(layer, m, routing)` returns sum_k w_k expert_k(m) for every token: the host's
+order. Its packed weights are mapped from the prepacked file, as the mapped store's are.
+`run_layer(layer, m, routing)` returns sum_k w_k expert_k(m) for every token: the host's
 routing is kept exactly (QMoE's `router_probs` only selects the chosen experts, its `router_weights`
 are the routing weights). A bundle whose experts are not all int4 with one block size that divides
 both widths is refused in one line.

@@ -54,7 +54,8 @@ def fused_refusal(bundle: "Bundle") -> str | None:
     for entry in firsts.values():
         matmuls = nodes(bundle.path_of(entry), "MatMulNBits")
         if len(matmuls) != 3 or any(count != 3 or attrs.get("bits") != 4 for count, attrs in matmuls):
-            return "fused experts need SwiGLU int4 experts (gate, up and down MatMulNBits without zero points or biases)"
+            return ("fused experts need SwiGLU int4 experts (gate, up and down MatMulNBits without zero points "
+                    "or biases)")
         for _, attrs in matmuls:
             block, k, n = attrs.get("block_size", 0), attrs.get("K", 0), attrs.get("N", 0)
             if not block or k % block or n % block:
@@ -100,7 +101,9 @@ def prepare_fused_layers(bundle: "Bundle", graphs: PrepackedGraphs | None = None
         for entry in (e for k, e in bundle.manifest.experts().items() if k.layer == layer):
             bundle.verify_file(entry)  # never pack a tampered expert
         try:
-            with tempfile.TemporaryDirectory(prefix="edgemoe-fused-") as tmp:
+            graphs.root.mkdir(parents=True, exist_ok=True)
+            # Beside the twins, not in /tmp: whoever watches this cache's files for a footprint sees these too.
+            with tempfile.TemporaryDirectory(prefix=".fused-", dir=graphs.root) as tmp:
                 source = write_layer_graph(bundle, layer, cfg.moe.top_k, Path(tmp))
                 graphs.ensure(layer_key(bundle, layer), source, session_options)
         except OffloadError:
@@ -149,7 +152,8 @@ def write_layer_graph(bundle: "Bundle", layer: int, top_k: int, directory: Path)
          helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", num]),
          helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["N", num])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", hidden])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     graph_path.write_bytes(model.SerializeToString())
     return graph_path

@@ -38,6 +38,7 @@ import sys
 import threading
 from typing import Any, Callable
 
+from edgemoe.attention_ports import CACHE_INPUTS
 from edgemoe.offload.errors import OffloadError
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ _CACHE_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 def cache_dtype(sess: Any) -> str:
     """The numpy dtype of an attention graph's KV cache (its `past_key` input, or `past_latent` for the
     rows interface of runtime.attention_call): float32 or float16."""
-    kind = next(i.type for i in sess.get_inputs() if i.name in ("past_key", "past_latent"))
+    kind = next(i.type for i in sess.get_inputs() if i.name in CACHE_INPUTS)
     try:
         return _CACHE_TYPES[kind]
     except KeyError:

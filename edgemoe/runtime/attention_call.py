@@ -32,16 +32,17 @@ from typing import Any
 
 import numpy as np
 
+from edgemoe.attention_ports import (NEW_ROWS, PAST_KEY, PAST_ROWS, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, SEQLENS_K,
+                                     TOTAL_LEN)
 from edgemoe.runtime.kv_cache import KVCache
 from edgemoe.runtime.sessions import RuntimeGraphError, one_line, shrink_arena
 
-CACHE_PORTS = (("past_key", "present_key"), ("past_value", "present_value"))
-ROWS_PORTS = ("past_latent", "new_latent")  # the rows interface (module docstring)
+CACHE_PORTS = ((PAST_KEY, PRESENT_KEY), (PAST_VALUE, PRESENT_VALUE))
 
 
 def uses_rows(session: Any) -> bool:
     """Whether an attention session has the rows interface (else the in-place one)."""
-    return any(i.name == ROWS_PORTS[0] for i in session.get_inputs())
+    return any(i.name == PAST_ROWS for i in session.get_inputs())
 
 
 class AttentionCall:
@@ -75,8 +76,8 @@ class AttentionCall:
         if self.rows:
             rows = cache.keys[n].reshape(-1, cache.keys[n].shape[-1])  # [MAX, W], a view
             width, dtype = rows.shape[1], rows.dtype
-            binding.bind_input(ROWS_PORTS[0], "cpu", 0, dtype, [1, cache.length, width], rows.ctypes.data)
-            binding.bind_output(ROWS_PORTS[1], "cpu", 0, dtype, [1, s, width], rows[cache.length:].ctypes.data)
+            binding.bind_input(PAST_ROWS, "cpu", 0, dtype, [1, cache.length, width], rows.ctypes.data)
+            binding.bind_output(NEW_ROWS, "cpu", 0, dtype, [1, s, width], rows[cache.length:].ctypes.data)
             return
         for (past, present), value in zip(CACHE_PORTS, (cache.ort_keys[n], cache.ort_values[n])):
             binding.bind_ortvalue_input(past, value)
@@ -88,8 +89,8 @@ class AttentionCall:
         binding.bind_cpu_input("x", np.ascontiguousarray(x[None], np.float32))
         binding.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64))
         if not self.rows:
-            binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
-            binding.bind_cpu_input("total_len", np.array(total, np.int32))
+            binding.bind_cpu_input(SEQLENS_K, np.array([total - 1], np.int32))
+            binding.bind_cpu_input(TOTAL_LEN, np.array(total, np.int32))
         binding.bind_output("h", "cpu")
         binding.bind_output("m", "cpu")
         self._bind_cache(binding, n, cache, x.shape[0])
@@ -125,7 +126,7 @@ class AttentionCall:
         binding = self.session.io_binding()
         inputs = [("x", self._x), ("position_ids", self._pos)]
         if not self.rows:
-            inputs += [("seqlens_k", self._seqlens), ("total_len", self._total)]
+            inputs += [(SEQLENS_K, self._seqlens), (TOTAL_LEN, self._total)]
         for name, array in inputs:
             binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         for name, array in (("h", self._h), ("m", self._m)):

@@ -31,12 +31,13 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from edgemoe.attention_ports import PAST_KEY, PAST_ROWS
 from edgemoe.bundle import Bundle
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.image import ImageInput
 from edgemoe.model.safetensors_io import SafetensorsFile
 from edgemoe.page_cache import drop_cached
-from edgemoe.runtime.attention_call import ROWS_PORTS, AttentionCall, uses_rows
+from edgemoe.runtime.attention_call import AttentionCall, uses_rows
 from edgemoe.runtime.embedding import MappedEmbedding
 from edgemoe.runtime.kv_cache import KVCache
 from edgemoe.runtime.sessions import (RuntimeGraphError, cache_dtype, one_line, session_options, shared_arena_options,
@@ -142,12 +143,12 @@ class Trunk:
             raise RuntimeGraphError(f"the attention graphs disagree on the KV cache's type ({', '.join(sorted(dtypes))})")
         for n, sess in enumerate(self.attn):
             if uses_rows(sess):  # [1, T, W]: the valid rows of one shared buffer
-                width = next(i.shape for i in sess.get_inputs() if i.name == ROWS_PORTS[0])[2]
+                width = next(i.shape for i in sess.get_inputs() if i.name == PAST_ROWS)[2]
                 if not layout.shared or width != layout.heads * layout.dim:
                     raise RuntimeGraphError(f"graph layer{n}.attn reads cache rows of {width} values, expected "
                                             f"one shared buffer of {layout.heads * layout.dim}")
                 continue
-            shape = next(i.shape for i in sess.get_inputs() if i.name == "past_key")
+            shape = next(i.shape for i in sess.get_inputs() if i.name == PAST_KEY)
             if shape[1] != layout.heads or shape[3] != layout.dim:
                 raise RuntimeGraphError(f"graph layer{n}.attn has a cache of shape {shape}, expected "
                                        f"[1, {layout.heads}, MAX, {layout.dim}]")
