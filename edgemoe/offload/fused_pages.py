@@ -28,7 +28,7 @@ from typing import Any
 from edgemoe.bundle.onnx_wire import external_data
 from edgemoe.offload.errors import OffloadError
 from edgemoe.offload.mapped import MADV_DONTNEED, MADV_RANDOM, PageResidency, _madvise_fn, find_mappings
-from edgemoe.offload.prepacked import PAGE, PREPACKED_KEY, data_file
+from edgemoe.offload.prepacked import PAGE, PREPACKED_KEY, data_file, packed_parts
 from edgemoe.page_cache import drop_cached, resident_range_bytes
 
 Span = tuple[int, int, int]  # (address, length, file offset), page-aligned
@@ -38,13 +38,8 @@ def _blobs(graph: Path) -> list[tuple[int, int]]:
     """(file offset, length) of the weights blob of every prepacked initializer of the graph: the largest
     of the buffers its kernel packed ("<kernel>|offset;length;..|offset;length;.."; QMoE writes the
     experts' packed weights and a 56-byte header, which stays mapped and shared)."""
-    blobs = []
-    for _, entries in external_data(graph):
-        for key, value in entries.items():
-            if key.startswith(PREPACKED_KEY):
-                parts = [tuple(int(v) for v in part.split(";")[:2]) for part in value.split("|")[1:]]
-                blobs.append(max(parts, key=lambda part: part[1]))
-    return blobs
+    return [max(packed_parts(value), key=lambda part: part[1])
+            for _, entries in external_data(graph) for key, value in entries.items() if key.startswith(PREPACKED_KEY)]
 
 
 def expert_spans(graph: Path, experts: int) -> list[tuple[Span, ...]]:

@@ -155,13 +155,14 @@ def mapped_bytes(graph: Path) -> int:
     for _, entries in external_data(graph):
         packed = [v for k, v in entries.items() if k.startswith(PREPACKED_KEY)]
         if packed:
-            total += sum(pages_spanned(*_packed_extent(v)) for v in packed)
+            total += sum(pages_spanned(*part) for v in packed for part in packed_parts(v))
         elif "length" in entries:
             total += pages_spanned(int(entries.get("offset", 0)), int(entries["length"]))
     return total
 
 
-def _packed_extent(value: str) -> tuple[int, int]:
-    """(offset, length) of a packed blob from ORT's "Kernel+hash|offset;length;..." entry."""
-    fields = value.rsplit("|", 1)[-1].split(";")
-    return int(fields[0]), int(fields[1])
+def packed_parts(value: str) -> list[tuple[int, int]]:
+    """(offset, length) of every buffer of one of ORT's prepacked entries, "<kernel>+hash|offset;length;..|..":
+    a kernel may pack one weight into several (MatMulNBits: one; QMoE: the experts' packed weights, then
+    a 56-byte header)."""
+    return [(int(fields[0]), int(fields[1])) for fields in (part.split(";") for part in value.split("|")[1:])]
