@@ -3,7 +3,8 @@
 Contract: `fused_refusal(bundle)` says in one line why a bundle's experts cannot be fused (not all
 int4; not SwiGLU gate/up/down MatMulNBits without zero points; widths not multiples of the int4
 block), or None. It reads the manifest and one expert graph per layer with `bundle.onnx_wire` (no
-`onnx` import, a few pages each), so `auto` can ask it on every run. `write_layer_graph(bundle,
+`onnx` import, a few pages each, dropped from the page cache afterwards), so `auto` can ask it
+whenever the layers are not prepared yet. `write_layer_graph(bundle,
 layer, top_k, directory)` writes the layer's QMoE graph (x [N, H], probs [N, E], weights [N, E] ->
 y [N, H]; gate and up rows interleaved, the only SwiGLU layout CPU QMoE takes) and its one data
 file, an expert at a time: nothing is re-quantized, and what it holds in memory is one expert's
@@ -53,6 +54,7 @@ def fused_refusal(bundle: "Bundle") -> str | None:
         firsts.setdefault(key.layer, entry)
     for entry in firsts.values():
         matmuls = nodes(bundle.path_of(entry), "MatMulNBits")
+        drop_cached(bundle.path_of(entry))  # a few pages, but 26 of them stayed cached beside a Small run
         if len(matmuls) != 3 or any(count != 3 or attrs.get("bits") != 4 for count, attrs in matmuls):
             return ("fused experts need SwiGLU int4 experts (gate, up and down MatMulNBits without zero points "
                     "or biases)")
