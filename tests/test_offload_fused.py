@@ -210,7 +210,7 @@ def test_a_first_budgeted_run_prepares_the_fused_store_within_its_budget(tiny, t
     assert samples > 10 and 0 < peak <= budget, (peak, budget)
 
 
-def test_auto_picks_fused_exactly_where_the_experts_can_be_fused(tiny, tmp_path) -> None:
+def test_auto_picks_fused_exactly_where_the_experts_can_be_fused(tiny, tmp_path, monkeypatch) -> None:
     """The default store depends on the bundle (and the machine), never on a budget: fused for int4
     SwiGLU experts whose widths fit the int4 block, mapped otherwise, with the reason the wire-format
     check gives matching the one building the layer gives. The check leaves none of the graphs it read
@@ -226,16 +226,35 @@ def test_auto_picks_fused_exactly_where_the_experts_can_be_fused(tiny, tmp_path)
     assert [resolve_store(deepseek, kind) for kind in ("mapped", "sessions", "fused")] == ["mapped", "sessions", "fused"]
     assert fused_refusal(deepseek) is None
     if _page_cache_is_droppable(tmp_path):
-        read = [deepseek.path_of(deepseek.manifest.expert(ExpertKey(n, 0)))
-                for n in deepseek.manifest.model_config().moe.layers]
-        for path in read:
-            path.read_bytes()
-        assert fused_refusal(deepseek) is None and all(cached_bytes(path) == 0 for path in read)
+        with monkeypatch.context() as unprepared:  # an empty cache: the graphs are read
+            unprepared.setenv("EDGEMOE_CACHE_DIR", str(tmp_path / "cache"))
+            read = [deepseek.path_of(deepseek.manifest.expert(ExpertKey(n, 0)))
+                    for n in deepseek.manifest.model_config().moe.layers]
+            for path in read:
+                path.read_bytes()
+            assert fused_refusal(deepseek) is None and all(cached_bytes(path) == 0 for path in read)
     assert "divisible by the int4 block (64, " in fused_refusal(stablelm)
     assert "needs int4 experts; this bundle's are fp32" in fused_refusal(fp32)
     with pytest.raises(EdgeMoEError, match="divisible by the int4 block \\(64, "):
         FusedExperts(stablelm)
     assert ask(tiny.bundle(FAMILY, "int4"), "What?", tiny.image, max_tokens=2).stats.expert_store == "fused"
+
+
+def test_an_unwritable_cache_falls_back_from_fused_under_auto(tiny, tmp_path, monkeypatch) -> None:
+    """Where the prepacked cache cannot be written, a named fused store fails in one line and auto falls
+    back (fused, then mapped, both need the cache) to a session per expert, which still answers."""
+    from edgemoe.offload import PrepareError
+    from edgemoe.runtime.providers import open_expert_store, store_kind
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv("EDGEMOE_CACHE_DIR", str(blocked))
+    bundle = tiny.bundle(FAMILY, "int4")
+    with pytest.raises(PrepareError, match="cannot prepare the fused experts of layer .* for this machine"):
+        open_expert_store(Bundle.open(bundle), "fused")
+    assert store_kind(open_expert_store(Bundle.open(bundle), "auto")) == "sessions"
+    result = ask(bundle, "What?", tiny.image, max_tokens=2)
+    assert result.stats.expert_store == "sessions" and len(result.token_ids) == 2
 
 
 def test_prepacked_graphs_are_read_without_the_onnx_package(tiny) -> None:

@@ -26,9 +26,9 @@ class ExpertLoadError(OffloadError):
         self.key = key
 
 
-class PrepareError(ExpertLoadError):
-    """An expert could not be prepacked for this machine (cache not writable, ORT refusing the graph):
-    a store that does not need prepacking can still serve it."""
+class PrepareError(OffloadError):
+    """Experts could not be prepacked for this machine (cache not writable, ORT refusing a graph): a
+    store that does not need prepacking can still serve them. Raised while a store opens, never by a load."""
 
 
 class CacheCapacityError(OffloadError):

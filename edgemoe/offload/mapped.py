@@ -268,7 +268,7 @@ class MappedExpertStore:
             except EdgeMoEError as exc:
                 raise ExpertLoadError(key, str(exc)) from exc
             except Exception as exc:  # OSError writing the cache, ORT refusing the graph
-                raise PrepareError(key, f"cannot prepare {entry.path} for this machine: {one_line(exc)}") from exc
+                raise PrepareError(f"cannot prepare {entry.path} for this machine: {one_line(exc)}") from exc
             paths[key] = path
             if key in missing:
                 written += 1

@@ -48,8 +48,6 @@ def resolve_store(bundle: Bundle, kind: str = "auto") -> str:
         return kind
     if not mapped_store_supported():
         return "sessions"
-    if fused_layers_prepared(bundle):  # the experts were fused before (prepared twins are keyed by their hashes)
-        return "fused"
     refusal = fused_refusal(bundle)
     if refusal is not None:
         log.info("experts are paged one session each (mapped): %s", refusal)
