@@ -212,10 +212,12 @@ def test_a_first_budgeted_run_prepares_the_fused_store_within_its_budget(tiny, t
 
 def test_auto_picks_fused_exactly_where_the_experts_can_be_fused(tiny, tmp_path, monkeypatch) -> None:
     """The default store depends on the bundle (and the machine), never on a budget: fused for int4
-    SwiGLU experts whose widths fit the int4 block, mapped otherwise, with the reason the wire-format
+    SwiGLU experts whose widths fit the int4 block in layers that route a token to several experts,
+    mapped otherwise, with the reason the wire-format
     check gives matching the one building the layer gives. The check leaves none of the graphs it read
     in the page cache (on full Small they were 120 MB of a 4 GB run's footprint)."""
     from edgemoe.offload.fused_graph import fused_refusal
+    from edgemoe.runtime import providers
     from edgemoe.runtime.providers import resolve_store
 
     if not mapped_store_supported():
@@ -224,6 +226,9 @@ def test_auto_picks_fused_exactly_where_the_experts_can_be_fused(tiny, tmp_path,
                                 Bundle.open(tiny.bundle(FAMILY)))
     assert [resolve_store(b) for b in (deepseek, stablelm, fp32)] == ["fused", "mapped", "mapped"]
     assert [resolve_store(deepseek, kind) for kind in ("mapped", "sessions", "fused")] == ["mapped", "sessions", "fused"]
+    with monkeypatch.context() as coarse:  # top-2 layers (MoE-LLaVA) page one expert at a time even where fusable
+        coarse.setattr(providers, "FUSED_FROM_TOP_K", deepseek.manifest.model_config().moe.top_k + 1)
+        assert resolve_store(deepseek) == "mapped"
     assert fused_refusal(deepseek) is None
     if _page_cache_is_droppable(tmp_path):
         with monkeypatch.context() as unprepared:  # an empty cache: the graphs are read

@@ -2,14 +2,15 @@
 
 Contract: `open_expert_store(bundle, kind)` picks where experts come from: "mapped" (prepacked
 sessions whose weight pages are paged, `edgemoe.offload.mapped`), "sessions" (a session built per
-load, `OnnxExpertStore`), "fused" (each layer's int4 experts in one QMoE session, paged
-one expert at a time, `edgemoe.offload.fused`), or "auto" (`resolve_store`): fused where the
-bundle's experts can be fused (int4 SwiGLU, `fused_graph.fused_refusal`) and this machine maps
-prepacked weights, else mapped where it does, else sessions; a cache directory that cannot be
-written falls back down that list (logged). The choice depends on the bundle and the machine only,
-never on a budget, so one bundle's answers are the same at every budget. `prepare_expert_store`
-prepacks what a fused store lacks, first thing in a run (module `fused_graph`), and refuses in one
-line a memory budget too small for that step. `make_provider(bundle, capacity, policy, store)` returns `edgemoe.offload.ResidentProvider` (every
+load, `OnnxExpertStore`), "fused" (each layer's int4 experts in one QMoE session, paged one expert at
+a time, `edgemoe.offload.fused`), or "auto" (`resolve_store`): fused for layers that route a token
+to `FUSED_FROM_TOP_K` or more experts, where the experts can be fused (int4 SwiGLU,
+`fused_graph.fused_refusal`) where this machine maps prepacked weights, else mapped where it does,
+else sessions; a cache directory that cannot be written falls back down that list (logged). The
+choice depends on the bundle and the machine only, never on a budget, so one bundle's answers are
+the same at every budget. `prepare_expert_store` prepacks what a fused store lacks, first thing in a
+run (module `fused_graph`), and refuses in one line a memory budget too small for that step.
+`make_provider(bundle, capacity, policy, store)` returns `edgemoe.offload.ResidentProvider` (every
 expert loaded once) when no budget applies (capacity None), else an `OffloadingProvider` over the
 bundle's experts with a cache of `capacity` bytes and the named eviction policy. The runtime's MoE
 layer gives the hints itself (`moe.MoELayer`), so the provider gets no predictor of its own.
@@ -38,6 +39,12 @@ from edgemoe.offload.sessions import configure_process, session_factory
 log = logging.getLogger(__name__)
 
 EXPERT_STORES = ("auto", "mapped", "sessions", "fused")
+# auto fuses layers that route each token to several experts. One session per expert is then that many
+# calls a layer (DeepSeek-VL2: 6, 156 a token on Small), and one QMoE call halved Small's time to first token.
+# At top-2 (MoE-LLaVA) the per-expert calls are two, fused decoded about as fast (StableLM, measured), and
+# holding a whole layer at once would raise full StableLM's minimum budget from under 1 GB to 1.04 GB
+# (4 experts together instead of one; measured).
+FUSED_FROM_TOP_K = 3
 
 
 def resolve_store(bundle: Bundle, kind: str = "auto") -> str:
@@ -48,6 +55,10 @@ def resolve_store(bundle: Bundle, kind: str = "auto") -> str:
         return kind
     if not mapped_store_supported():
         return "sessions"
+    top_k = bundle.manifest.model_config().moe.top_k
+    if top_k < FUSED_FROM_TOP_K:
+        log.info("experts are paged one session each (mapped): %d a token per layer are few enough", top_k)
+        return "mapped"
     refusal = fused_refusal(bundle)
     if refusal is not None:
         log.info("experts are paged one session each (mapped): %s", refusal)
