@@ -55,8 +55,9 @@ GENERATION_FLAGS: dict[str, Flag] = {  # in --help order
                                                         "weight pages paged in and out; Linux) | sessions (a "
                                                         "session built per load) | fused (each layer's int4 "
                                                         "experts in one QMoE session, paged one expert at a time; Linux) | "
-                                                        "auto (fused for int4 SwiGLU experts, else mapped, where the "
-                                                        "OS allows; else sessions)."),
+                                                        "auto (fused for int4 SwiGLU experts routed top-3 or more, "
+                                                        "such as DeepSeek-VL2's; else mapped where the OS allows; "
+                                                        "else sessions)."),
     "lookahead": Flag(int, 1, "--lookahead", "MoE layers ahead whose predicted experts are paged in while the "
                                              "current one computes (more: earlier, but less sure)."),
     "loaders": Flag(int, DEFAULT_LOADERS, "--loaders", "Background threads paging experts in under a budget "

@@ -45,12 +45,20 @@ ALIGN = 1 << 16  # each weight starts on a 64 KiB boundary of the data file (ORT
 PREPARE_COPIES = 5
 
 
-def fused_refusal(bundle: "Bundle") -> str | None:
-    """Why this bundle's experts cannot run fused, in one line; None if they can (module docstring)."""
-    experts = bundle.manifest.experts()
-    precisions = sorted({e.precision or "?" for e in experts.values()})
+def precision_refusal(bundle: "Bundle") -> str | None:
+    """Why the experts' precisions rule fusing out (all must be int4), from the manifest alone; or None."""
+    precisions = sorted({e.precision or "?" for e in bundle.manifest.experts().values()})
     if precisions != ["int4"]:
         return f"--expert-store fused needs int4 experts; this bundle's are {', '.join(precisions)}"
+    return None
+
+
+def fused_refusal(bundle: "Bundle") -> str | None:
+    """Why this bundle's experts cannot run fused, in one line; None if they can (module docstring)."""
+    refusal = precision_refusal(bundle)
+    if refusal is not None:
+        return refusal
+    experts = bundle.manifest.experts()
     if fused_layers_prepared(bundle):  # fused before: the prepared layers are keyed by these experts' hashes
         return None
     firsts = {}

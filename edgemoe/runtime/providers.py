@@ -32,7 +32,8 @@ from edgemoe.offload import DEFAULT_LOADERS, DEFAULT_POLICY, POLICIES, Offloadin
 from edgemoe.offload.budget import format_bytes, parse_size
 from edgemoe.offload.errors import BudgetError, OffloadError, PrepareError
 from edgemoe.offload.fused import FusedExperts
-from edgemoe.offload.fused_graph import fused_layers_prepared, fused_refusal, prepare_fused_layers, preparation_bytes
+from edgemoe.offload.fused_graph import (fused_layers_prepared, fused_refusal, precision_refusal, prepare_fused_layers,
+                                        preparation_bytes)
 from edgemoe.offload.mapped import MappedExpertStore, mapped_store_supported
 from edgemoe.offload.sessions import configure_process, session_factory
 
@@ -55,15 +56,16 @@ def resolve_store(bundle: Bundle, kind: str = "auto") -> str:
         return kind
     if not mapped_store_supported():
         return "sessions"
-    top_k = bundle.manifest.model_config().moe.top_k
-    if top_k < FUSED_FROM_TOP_K:
-        log.info("experts are paged one session each (mapped): %d a token per layer are few enough", top_k)
-        return "mapped"
-    refusal = fused_refusal(bundle)
-    if refusal is not None:
-        log.info("experts are paged one session each (mapped): %s", refusal)
+    reason = precision_refusal(bundle) or _few_experts_a_token(bundle) or fused_refusal(bundle)
+    if reason is not None:
+        log.info("experts are paged one session each (mapped): %s", reason)
         return "mapped"
     return "fused"
+
+
+def _few_experts_a_token(bundle: Bundle) -> str | None:
+    top_k = bundle.manifest.model_config().moe.top_k
+    return f"{top_k} experts a token per layer are few enough" if top_k < FUSED_FROM_TOP_K else None
 
 
 def prepare_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[int, int], None] | None = None,
