@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # ModelProto.graph 7; GraphProto node 1, initializer 5, input 11; NodeProto input 1, output 2, op_type 4,
@@ -79,23 +80,16 @@ def graph_span(data: memoryview) -> tuple[int, int] | None:
 def external_data(path: Path) -> list[tuple[str, dict[str, str]]]:
     """(name, {key: value}) of every initializer of the model at `path`, in file order."""
     out = []
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        data = memoryview(mapped)
-        try:
-            graph = graph_span(data)
-            for field, (start, end) in fields(data, *graph) if graph else ():
-                if field != GRAPH_INITIALIZER:
-                    continue
-                name, entries = "", {}
-                for tfield, span in fields(data, start, end):
-                    if tfield == TENSOR_NAME:
-                        name = string(data, *span)
-                    elif tfield == TENSOR_EXTERNAL_DATA:
-                        entry = dict(fields(data, *span))
-                        entries[string(data, *entry[1])] = string(data, *entry[2]) if 2 in entry else ""
-                out.append((name, entries))
-        finally:
-            data.release()
+    with graph_fields(path, GRAPH_INITIALIZER) as (data, spans):
+        for start, end in spans:
+            name, entries = "", {}
+            for field, span in fields(data, start, end):
+                if field == TENSOR_NAME:
+                    name = string(data, *span)
+                elif field == TENSOR_EXTERNAL_DATA:
+                    entry = dict(fields(data, *span))
+                    entries[string(data, *entry[1])] = string(data, *entry[2]) if 2 in entry else ""
+            out.append((name, entries))
     return out
 
 
@@ -103,25 +97,31 @@ def nodes(path: Path, op_type: str) -> list[tuple[int, dict[str, int]]]:
     """(number of inputs, {attribute: integer value}) of every `op_type` node of the model at `path`
     (empty inputs counted, as ONNX Runtime counts them; only integer attributes are read)."""
     out = []
+    with graph_fields(path, GRAPH_NODE) as (data, spans):
+        for start, end in spans:
+            parts = list(fields(data, start, end))
+            if not any(f == NODE_OP_TYPE and string(data, *span) == op_type for f, span in parts):
+                continue
+            attributes = {}
+            for f, span in parts:
+                if f == NODE_ATTRIBUTE:
+                    attribute = dict(fields(data, *span, varints=True))
+                    if ATTRIBUTE_NAME in attribute and ATTRIBUTE_INT in attribute:
+                        attributes[string(data, *attribute[ATTRIBUTE_NAME])] = attribute[ATTRIBUTE_INT]
+            out.append((sum(f == NODE_INPUT for f, _ in parts), attributes))
+    return out
+
+
+@contextmanager
+def graph_fields(path: Path, number: int) -> Iterator[tuple[memoryview, list[tuple[int, int]]]]:
+    """The file mapped read-only (without readahead: only the pages walked are read, not the weights
+    beside them) and the spans of its graph's fields numbered `number` (initializers, nodes, ...)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        if hasattr(mmap, "MADV_RANDOM"):  # fault in the pages walked, not the weights beside them
+        if hasattr(mmap, "MADV_RANDOM"):
             mapped.madvise(mmap.MADV_RANDOM)
         data = memoryview(mapped)
         try:
             graph = graph_span(data)
-            for field, (start, end) in fields(data, *graph) if graph else ():
-                if field != GRAPH_NODE:
-                    continue
-                parts = list(fields(data, start, end))
-                if not any(f == NODE_OP_TYPE and string(data, *span) == op_type for f, span in parts):
-                    continue
-                attributes = {}
-                for f, span in parts:
-                    if f == NODE_ATTRIBUTE:
-                        attribute = dict(fields(data, *span, varints=True))
-                        if ATTRIBUTE_NAME in attribute and ATTRIBUTE_INT in attribute:
-                            attributes[string(data, *attribute[ATTRIBUTE_NAME])] = attribute[ATTRIBUTE_INT]
-                out.append((sum(f == NODE_INPUT for f, _ in parts), attributes))
+            yield data, [span for field, span in (fields(data, *graph) if graph else ()) if field == number]
         finally:
             data.release()
-    return out

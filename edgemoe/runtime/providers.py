@@ -94,25 +94,23 @@ def prepare_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[
 
 
 def open_expert_store(bundle: Bundle, kind: str = "auto", progress: Callable[[int, int], None] | None = None) -> Any:
-    """The bundle's expert store of `kind` (module docstring), prepared first if it must be."""
-    resolved = resolve_store(bundle, kind)
+    """The bundle's expert store of `kind` (module docstring), prepared first if it must be. A store that
+    cannot be prepared here falls back down fused -> mapped -> sessions unless it was named."""
+    store = resolve_store(bundle, kind)
     configure_process()
-    if resolved == "fused":
+    while store in _PREPARED_STORES:
         try:
-            return FusedExperts(bundle, progress=progress)
+            return _PREPARED_STORES[store](bundle, progress=progress)
         except PrepareError as exc:
-            if kind == "fused":
+            if kind == store:
                 raise
-            log.warning("%s; experts will be paged one session each instead", exc)
-    if resolved == "sessions":
-        return OnnxExpertStore(bundle, session_factory())
-    try:
-        return MappedExpertStore(bundle, progress=progress)
-    except PrepareError as exc:
-        if kind == "mapped":
-            raise
-        log.warning("%s; experts will be loaded as sessions instead", exc)
-        return OnnxExpertStore(bundle, session_factory())
+            fallback = "mapped" if store == "fused" else "sessions"
+            log.warning("%s; experts will be paged as %s instead", exc, fallback)
+            store = fallback
+    return OnnxExpertStore(bundle, session_factory())
+
+
+_PREPARED_STORES = {"fused": FusedExperts, "mapped": MappedExpertStore}  # stores built on prepacked graphs
 
 
 def store_kind(store: Any) -> str:
