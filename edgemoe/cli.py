@@ -26,7 +26,8 @@ from edgemoe.errors import EdgeMoEError
 
 app = typer.Typer(
     name="edgemoe",
-    help="Run sparse mixture-of-experts vision-language models (MoE-LLaVA) inside a fixed memory budget.",
+    help="Run sparse mixture-of-experts vision-language models (MoE-LLaVA, DeepSeek-VL2) on the CPU inside a "
+         "fixed memory budget.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -116,6 +117,31 @@ def export(
     with _phase_progress() as progress:
         result = export_bundle(checkpoint, bundle, options, progress)
     out.print(result.summary(), soft_wrap=True, highlight=False)
+
+
+@app.command()
+def prepare(
+    bundle: BundleDir,
+    expert_store: str = typer.Option("auto", "--expert-store", help="The store to prepare: auto | fused | mapped "
+                                                                  "(see `edgemoe ask --expert-store`)."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Refuse if preparing needs more."),
+) -> None:
+    """Pack a bundle's experts for this CPU now, the step a first `ask` on this machine would take."""
+    import time
+
+    from edgemoe.bundle import Bundle
+    from edgemoe.bundle.ledger import HashLedger
+    from edgemoe.runtime.providers import open_expert_store, prepare_expert_store, store_kind
+
+    opened = Bundle.open(bundle, ledger=HashLedger.for_directory(bundle))
+    t0 = time.monotonic()
+    with _prepare_progress() as progress:
+        prepare_expert_store(opened, expert_store, progress, memory_budget)
+        store = open_expert_store(opened, expert_store, progress)
+    kind = store_kind(store)
+    getattr(store, "close", lambda: None)()  # a sessions store holds nothing to release
+    out.print(f"{bundle}: {kind} experts ready on this machine ({time.monotonic() - t0:.1f} s)", highlight=False,
+              soft_wrap=True)
 
 
 @app.command()

@@ -262,6 +262,29 @@ def test_an_unwritable_cache_falls_back_from_fused_under_auto(tiny, tmp_path, mo
     assert result.stats.expert_store == "sessions" and len(result.token_ids) == 2
 
 
+def test_edgemoe_prepare_packs_the_default_store_that_ask_then_uses_as_it_is(tiny, tmp_path) -> None:
+    """`edgemoe prepare` takes a first run's preparation step on its own: after it the fused layers are
+    prepared, and an ask runs on them without writing them again; a bad store name is one line."""
+    bundle = str(tiny.bundle(FAMILY, "int4"))
+    env = {**os.environ, "EDGEMOE_CACHE_DIR": str(tmp_path / "cache")}
+    cli = [sys.executable, "-m", "edgemoe.cli"]
+    prepared = subprocess.run(cli + ["prepare", bundle], capture_output=True, text=True, timeout=300, env=env)
+    assert prepared.returncode == 0, prepared.stderr
+    assert "fused experts ready on this machine" in prepared.stdout
+    graphs = PrepackedGraphs(tmp_path / "cache" / "prepacked" / machine_signature())
+    b = Bundle.open(bundle)
+    assert fused_layers_prepared(b, graphs)
+    files = [f for n in b.manifest.model_config().moe.layers for f in (graphs.path(layer_key(b, n)),)]
+    before = [f.stat().st_mtime_ns for f in files]
+    asked = subprocess.run(cli + ["ask", bundle, "What?", "--image", str(tiny.image), "--max-tokens", "2", "--json"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert asked.returncode == 0 and json.loads(asked.stdout)["stats"]["expert_store"] == "fused", asked.stderr
+    assert [f.stat().st_mtime_ns for f in files] == before
+    bad = subprocess.run(cli + ["prepare", bundle, "--expert-store", "nope"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "unknown expert store" in bad.stderr
+
+
 def test_prepacked_graphs_are_read_without_the_onnx_package(tiny) -> None:
     """The runtime reads where prepacked blobs lie with its own wire-format reader (the `onnx` package
     costs about 11 MB of private memory a process): the reader's entries equal onnx's own, and a run on
