@@ -19,7 +19,7 @@ from edgemoe.keys import ExpertKey
 from edgemoe.model.routing_rule import select
 from edgemoe.offload import OnnxExpertStore
 from edgemoe.offload.fused import FusedExperts
-from edgemoe.offload.fused_graph import fused_layers_prepared, layer_key
+from edgemoe.offload.fused_graph import fused_layers_prepared, layer_keys
 from edgemoe.offload.footprint import measure_footprint, model_files
 from edgemoe.offload.mapped import mapped_store_supported
 from edgemoe.offload.prepacked import PAGE, PrepackedGraphs, machine_signature
@@ -64,7 +64,7 @@ def test_fused_answers_equal_the_mapped_store_and_run_from_a_prepared_file(tiny)
     assert fused.stats.expert_store == "fused" and fused.stats.cache_misses == 0
     packed = PrepackedGraphs()
     for layer in Bundle.open(bundle).manifest.model_config().moe.layers:
-        assert packed.exists(layer_key(Bundle.open(bundle), layer))  # prepared once, reused by `again`
+        assert packed.exists(layer_keys(Bundle.open(bundle))[layer])  # prepared once, reused by `again`
 
 
 def test_what_fused_cannot_run_is_refused_in_one_line(tiny) -> None:
@@ -274,7 +274,7 @@ def test_edgemoe_prepare_packs_the_default_store_that_ask_then_uses_as_it_is(tin
     graphs = PrepackedGraphs(tmp_path / "cache" / "prepacked" / machine_signature())
     b = Bundle.open(bundle)
     assert fused_layers_prepared(b, graphs)
-    files = [f for n in b.manifest.model_config().moe.layers for f in (graphs.path(layer_key(b, n)),)]
+    files = [graphs.path(key) for key in layer_keys(b).values()]
     before = [f.stat().st_mtime_ns for f in files]
     asked = subprocess.run(cli + ["ask", bundle, "What?", "--image", str(tiny.image), "--max-tokens", "2", "--json"],
                            capture_output=True, text=True, timeout=300, env=env)
@@ -297,7 +297,7 @@ def test_prepacked_graphs_are_read_without_the_onnx_package(tiny) -> None:
     ask(bundle, "What?", tiny.image, max_tokens=2, expert_store="fused")  # prepares both on first use
     ask(bundle, "What?", tiny.image, max_tokens=2, expert_store="mapped")
     b = Bundle.open(bundle)
-    graph = PrepackedGraphs().path(layer_key(b, b.manifest.model_config().moe.layers[0]))
+    graph = PrepackedGraphs().path(layer_keys(b)[b.manifest.model_config().moe.layers[0]])
     for path in (graph, b.graph_path("layer0.attn")):
         model = onnx.load(str(path), load_external_data=False)
         want = [(t.name, {e.key: e.value for e in t.external_data}) for t in model.graph.initializer]

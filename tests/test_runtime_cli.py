@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from edgemoe.runtime import ask
-from test_runtime_fixtures import edgemoe_cli, tiny  # noqa: F401 (fixture)
+from test_runtime_fixtures import edgemoe_cli, per_expert_store, tiny  # noqa: F401 (fixture)
 
 STATS_KEYS = {"time_to_first_token_s", "decode_tokens_per_s", "cache_hits", "cache_misses", "prediction_precision",
               "prediction_recall", "bytes_paged", "peak_rss_bytes"}
@@ -130,7 +130,7 @@ def test_time_to_first_token_is_image_encoding_plus_prefill(tiny) -> None:
 
 
 def test_prefetched_in_time_counts_only_hinted_loads(tiny) -> None:
-    kwargs = dict(max_tokens=8, expert_budget="50%", expert_store="mapped")  # below a fused layer's minimum
+    kwargs = dict(max_tokens=8, expert_budget="50%", expert_store=per_expert_store())  # below a fused layer's minimum
     hinted = ask(tiny.bundle("deepseek-vl2-tiny", "int4"), "What is in the image?", tiny.image, **kwargs).stats
     plain = ask(tiny.bundle("deepseek-vl2-tiny", "int4"), "What is in the image?", tiny.image, prefetch=False,
                 **kwargs).stats
@@ -141,7 +141,7 @@ def test_prefetched_in_time_counts_only_hinted_loads(tiny) -> None:
 def test_answers_do_not_depend_on_how_far_ahead_experts_are_paged(tiny) -> None:
     bundle = tiny.bundle("deepseek-vl2-tiny", "int4")
     base = ("ask", str(bundle), "What is in the image?", "--image", str(tiny.image), "--max-tokens", "6",
-            "--expert-budget", "40%", "--expert-store", "mapped", "--json")  # below a fused layer's minimum
+            "--expert-budget", "40%", "--expert-store", per_expert_store(), "--json")  # below a fused layer's minimum
     runs = [json.loads(edgemoe_cli(*base, "--lookahead", str(n)).stdout) for n in (1, 2)]
     assert runs[0]["token_ids"] == runs[1]["token_ids"]
     assert runs[1]["stats"]["cache_misses"] > 0

@@ -242,8 +242,6 @@ def prepare_experts(bundle: Bundle, stores: tuple[str, ...]) -> None:
             log.warning("cannot prepare the %s experts for this machine: %s", kind, exc)
 
 
-
-
 def planned_runs(options: BenchOptions) -> list[tuple[Budget | None, Budget | None, str, str]]:
     """(expert budget, memory budget, store, policy) of every edgemoe run, in order."""
     return [(expert, memory, store, policy) for expert, memory in options.budget_pairs()

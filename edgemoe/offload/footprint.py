@@ -104,14 +104,14 @@ def model_files(bundle_dir: str | os.PathLike) -> list[Path]:
     """The bundle's files and this machine's prepacked twins of its experts and fused layers."""
     from edgemoe.bundle import Bundle
     from edgemoe.bundle.entries import MANIFEST_NAME
-    from edgemoe.offload.fused_graph import layer_key
+    from edgemoe.offload.fused_graph import layer_keys
     from edgemoe.offload.prepacked import PrepackedGraphs, data_file
 
     bundle = Bundle.open(bundle_dir, check_sizes=False)
     files = [bundle.root / MANIFEST_NAME] + [bundle.path_of(entry) for entry in bundle.manifest.files]
     graphs = PrepackedGraphs()
     keys = [entry.sha256 for entry in bundle.manifest.experts().values()]
-    keys += [layer_key(bundle, n) for n in bundle.manifest.model_config().moe.layers]
+    keys += list(layer_keys(bundle).values())
     for key in keys:
         graph = graphs.path(key)
         files += [graph, data_file(graph)]

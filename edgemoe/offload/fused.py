@@ -34,7 +34,7 @@ import numpy as np
 
 from edgemoe.keys import ExpertKey
 from edgemoe.offload.errors import ExpertLoadError, OffloadError, one_line
-from edgemoe.offload.fused_graph import layer_key, prepare_fused_layers
+from edgemoe.offload.fused_graph import layer_keys, prepare_fused_layers
 from edgemoe.offload.fused_pages import ExpertPages, expert_spans, page_out_all
 from edgemoe.offload.prepacked import PrepackedGraphs, data_file
 from edgemoe.offload.store import LoadCounter, StoreStats
@@ -84,8 +84,9 @@ class FusedExperts:
         self._paths: list[Path] = []
         self._pages: dict[ExpertKey, ExpertPages] = {}
         self._counter = LoadCounter(clock)
+        keys = layer_keys(bundle)
         for n in self.layers:
-            path = graphs.path(layer_key(bundle, n))
+            path = graphs.path(keys[n])
             self._paths.append(path)
             try:
                 self._sessions[n] = create_session(str(path), session_options())

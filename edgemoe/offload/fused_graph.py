@@ -9,7 +9,7 @@ layer, top_k, directory)` writes the layer's QMoE graph (x [N, H], probs [N, E],
 y [N, H]; gate and up rows interleaved, the only SwiGLU layout CPU QMoE takes) and its one data
 file, an expert at a time: nothing is re-quantized, and what it holds in memory is one expert's
 weights, not the layer's. `prepare_fused_layers(bundle, graphs, progress)` prepacks every layer not
-yet in this machine's cache (`PrepackedGraphs`, keyed by `layer_key`: the member experts' sha256s
+yet in this machine's cache (`PrepackedGraphs`, keyed by `layer_keys`: the member experts' sha256s
 and the layout's version), verifying the experts first and leaving nothing it read or wrote in the
 page cache. `preparation_bytes(bundle)` is what one layer's preparation may hold at once.
 
@@ -77,19 +77,19 @@ def fused_refusal(bundle: "Bundle") -> str | None:
     return None
 
 
-def layer_key(bundle: "Bundle", layer: int) -> str:
-    """Cache key of a fused layer: its member experts' contents and the fused layout's version."""
-    h = hashlib.sha256(FUSED_VERSION)
+def layer_keys(bundle: "Bundle") -> dict[int, str]:
+    """Cache key of every fused layer: its member experts' contents, in expert order, and the fused
+    layout's version (one pass over the experts: 1,664 on Small, sorted once, not once a layer)."""
+    hashes = {n: hashlib.sha256(FUSED_VERSION) for n in bundle.manifest.model_config().moe.layers}
     for key, entry in sorted(bundle.manifest.experts().items()):
-        if key.layer == layer:
-            h.update(entry.sha256.encode())
-    return h.hexdigest()
+        hashes[key.layer].update(entry.sha256.encode())
+    return {n: h.hexdigest() for n, h in hashes.items()}
 
 
 def fused_layers_prepared(bundle: "Bundle", graphs: PrepackedGraphs | None = None) -> bool:
     """Whether every MoE layer's fused graph is already prepared on this machine."""
     graphs = graphs or PrepackedGraphs()
-    return all(graphs.exists(layer_key(bundle, n)) for n in bundle.manifest.model_config().moe.layers)
+    return all(graphs.exists(key) for key in layer_keys(bundle).values())
 
 
 def preparation_bytes(bundle: "Bundle") -> int:
@@ -107,7 +107,8 @@ def prepare_fused_layers(bundle: "Bundle", graphs: PrepackedGraphs | None = None
 
     graphs = graphs or PrepackedGraphs()
     cfg = bundle.manifest.model_config()
-    missing = [n for n in cfg.moe.layers if not graphs.exists(layer_key(bundle, n))]
+    keys = layer_keys(bundle)
+    missing = [n for n, key in keys.items() if not graphs.exists(key)]
     refusal = fused_refusal(bundle) if missing else None
     if refusal is not None:
         raise OffloadError(refusal)
@@ -119,7 +120,7 @@ def prepare_fused_layers(bundle: "Bundle", graphs: PrepackedGraphs | None = None
             # Beside the twins, not in /tmp: whoever watches this cache's files for a footprint sees these too.
             with tempfile.TemporaryDirectory(prefix=".fused-", dir=graphs.root) as tmp:
                 source = write_layer_graph(bundle, layer, cfg.moe.top_k, Path(tmp))
-                graphs.ensure(layer_key(bundle, layer), source, session_options)
+                graphs.ensure(keys[layer], source, session_options)
         except OffloadError:
             raise
         except Exception as exc:

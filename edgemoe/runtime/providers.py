@@ -3,12 +3,11 @@
 Contract: `open_expert_store(bundle, kind)` picks where experts come from: "mapped" (prepacked
 sessions whose weight pages are paged, `edgemoe.offload.mapped`), "sessions" (a session built per
 load, `OnnxExpertStore`), "fused" (each layer's int4 experts in one QMoE session, paged one expert at
-a time, `edgemoe.offload.fused`), or "auto" (`resolve_store`): fused for layers that route a token
-to `FUSED_FROM_TOP_K` or more experts, where the experts can be fused (int4 SwiGLU,
-`fused_graph.fused_refusal`) where this machine maps prepacked weights, else mapped where it does,
-else sessions; a cache directory that cannot be written falls back down that list (logged). The
-choice depends on the bundle and the machine only, never on a budget, so one bundle's answers are
-the same at every budget. `prepare_expert_store` prepacks what a fused store lacks, first thing in a
+a time, `edgemoe.offload.fused`), or "auto" (`resolve_store`): on a machine that maps prepacked
+weights, fused for layers that route a token to `FUSED_FROM_TOP_K` or more experts whose experts can
+be fused (int4 SwiGLU, `fused_graph.fused_refusal`), else mapped; elsewhere sessions. A cache
+directory that cannot be written falls back down that list (logged). The choice depends on the bundle
+and the machine only, never on a budget, so one bundle's answers are the same at every budget. `prepare_expert_store` prepacks what a fused store lacks, first thing in a
 run (module `fused_graph`), and refuses in one line a memory budget too small for that step.
 `make_provider(bundle, capacity, policy, store)` returns `edgemoe.offload.ResidentProvider` (every
 expert loaded once) when no budget applies (capacity None), else an `OffloadingProvider` over the
